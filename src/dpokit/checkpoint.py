@@ -1,0 +1,85 @@
+"""Checkpoints: the model in Hugging Face format (safetensors) plus optimizer, scheduler, RNG and data position.
+
+A checkpoint is written to `<name>.tmp` and renamed into place, so a folder named `step-N` is always complete;
+`--resume` takes the newest one.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpokit import distributed
+from dpokit.config import RunConfig, save_config
+
+STATE_FILE = "trainer_state.pt"
+
+
+def save_model(model: Any, tokenizer: Any, out: Path, config: RunConfig | None = None) -> None:
+    """Write a folder that `AutoModelForCausalLM.from_pretrained` loads, atomically."""
+    if not distributed.is_main():
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if config is not None:
+        save_config(config, tmp / "dpokit_config.yaml")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, step: int, config: RunConfig) -> None:
+    """A resumable checkpoint at `out` (e.g. runs/x/checkpoints/step-100)."""
+    if not distributed.is_main():
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    save_config(config, tmp / "dpokit_config.yaml")
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python": random.getstate(),
+        },
+    }
+    torch.save(state, tmp / STATE_FILE)
+    tmp.rename(out)
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    done = [p for p in checkpoint_dir.glob("step-*") if not p.name.endswith(".tmp") and (p / STATE_FILE).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def load_training_state(path: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return the step to continue from."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        weights.update(load_file(file))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # Tied embeddings are saved once; anything else missing means a wrong checkpoint.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    state = torch.load(path / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    random.setstate(state["rng"]["python"])
+    return int(state["step"])

@@ -1,0 +1,121 @@
+"""`dpokit <command> [CONFIG.yaml] [section.field=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dpokit.config import ConfigError, RunConfig, apply_override, from_dict, load_raw
+from dpokit.data.report import DataError
+
+
+def _config(path: str | None, overrides: Sequence[str], command: str) -> RunConfig:
+    raw = load_raw(path)
+    if command == "sft":
+        # `dpokit sft` is SFT whatever the file says about losses, unless it says something else explicitly.
+        loss = raw.setdefault("loss", {}) or {}
+        if loss.get("name", "sft") != "sft":
+            raise ConfigError(f"`dpokit sft` trains with loss.name=sft, but the config sets loss.name={loss['name']}")
+        loss["name"] = "sft"
+        raw["loss"] = loss
+        raw.setdefault("reference", {})["mode"] = "none"
+    for override in overrides:
+        apply_override(raw, override)
+    return from_dict(raw)
+
+
+def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    config = next((a for a in args if a.endswith((".yaml", ".yml")) and "=" not in a), None)
+    return config, [a for a in args if a != config]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("sft", "supervised fine-tuning on completions (chosen responses, prompt/completion or text rows)"),
+        ("dpo", "preference optimisation (DPO and its variants) against a reference model"),
+        ("precompute-ref", "compute reference log-probs once and save them for reuse (reference.cache)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("args", nargs="*", help="CONFIG.yaml and section.field=value overrides")
+        if name != "precompute-ref":
+            p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p = sub.add_parser("preview", help="show which tokens are prompt and which are trained, with counts")
+    p.add_argument("data", help="data file or save_to_disk folder")
+    p.add_argument("--model", required=True, help="model folder or .gguf file (for its tokenizer)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("-n", "--examples", type=int, default=3)
+    p.add_argument("--sft", action="store_true", help="preview SFT examples (one completion each)")
+    p.add_argument("--plain", action="store_true", help="no colours")
+    p = sub.add_parser("init-model", help="create a small random Llama with a BPE tokenizer trained on a data file")
+    p.add_argument("--data", required=True, help="data file whose text trains the tokenizer")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--max-rows", type=int, default=20000, help="rows of text used to train the tokenizer")
+    p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"dpokit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command in ("sft", "dpo", "precompute-ref"):
+        path, overrides = _split_args(args.args)
+        config = _config(path, overrides, args.command)
+        if args.command == "precompute-ref":
+            from dpokit.precompute import precompute_reference
+
+            print(f"wrote {precompute_reference(config)}")
+            return 0
+        from dpokit.train import train
+
+        summary = train(config, resume=args.resume)
+        final = {k: round(v, 4) for k, v in (summary["train"] | summary["eval"]).items()}
+        print(f"done: {config.train.output_dir}/final  {final}")
+        return 0
+    if args.command == "preview":
+        from dpokit.config import DataConfig
+        from dpokit.data.prepare import prepare_data
+        from dpokit.model import load_tokenizer
+        from dpokit.preview import render
+
+        tokenizer = load_tokenizer(args.model)
+        data_config = DataConfig(train_path=args.data, format=args.format, max_length=args.max_length,
+                                 max_prompt_length=args.max_prompt_length, on_error="skip")
+        data = prepare_data(data_config, tokenizer, "sft" if args.sft else "pairs")
+        print(render(tokenizer, data.train, data.train_report, args.examples, args.plain or not sys.stdout.isatty()))
+        return 0
+    if args.command == "init-model":
+        import itertools
+
+        from dpokit.data.formats import iter_rows, record_texts, row_to_records, detect_format
+        from dpokit.data.report import DataReport
+        from dpokit.model import init_model
+
+        def texts():
+            fmt, report = None, DataReport()
+            for where, row in itertools.islice(iter_rows(args.data), args.max_rows):
+                if isinstance(row, DataError):
+                    continue
+                fmt = fmt or detect_format(row, where)
+                for record in row_to_records(row, fmt, "sft" if fmt in ("text", "completion") else "pairs", where, report):
+                    yield from record_texts(record)
+
+        out = init_model(texts(), args.out, args.vocab_size, args.hidden_size, args.layers, args.heads, seed=args.seed)
+        print(f"wrote {out}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

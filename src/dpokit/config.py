@@ -1,0 +1,276 @@
+"""The one config schema: frozen dataclasses. YAML files are instances of `RunConfig`.
+
+A YAML file maps section names (`model`, `data`, `reference`, `loss`, `train`) to fields. Command-line overrides
+are `section.field=value` with the value parsed as YAML. Unknown keys and wrong types are errors that name the
+key and suggest the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+LossName = Literal["sigmoid", "ipo", "hinge", "dpo_nll", "plackett_luce", "sft"]
+ReferenceMode = Literal["copy", "path", "precomputed", "none"]
+DataFormat = Literal["auto", "standard", "conversational", "implicit", "pairs", "ranking", "completion", "text"]
+Optimizer = Literal["adamw", "rmsprop"]
+Schedule = Literal["constant", "linear", "cosine"]
+Precision = Literal["auto", "fp32", "bf16"]
+OnError = Literal["raise", "skip"]
+
+
+class ConfigError(ValueError):
+    """A config problem a person can fix: the message names the key and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+    """Hugging Face model folder, or a `.gguf` file (loaded through transformers)."""
+    gguf_file: str | None = None
+    """GGUF file name inside `path`, when `path` is a folder holding one."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to `from_pretrained` (`sdpa`, `eager`, ...)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_path: str = ""
+    """Training data: JSON lines (optionally .gz), JSON, Parquet, or a `datasets` folder from save_to_disk."""
+    eval_path: str | None = None
+    """Held-out data in the same formats; when unset, `eval_fraction` of the training file is held out."""
+    eval_fraction: float = 0.0
+    """Fraction of the training rows held out for evaluation when `eval_path` is unset."""
+    format: DataFormat = "auto"
+    """Row format; `auto` detects it from the first row's fields."""
+    max_length: int = 512
+    """Longest prompt + completion in tokens; completions are cut to fit (their start kept)."""
+    max_prompt_length: int = 256
+    """Longest prompt in tokens; longer prompts keep their end (and the BOS token, if any)."""
+    max_examples: int | None = None
+    """Use only the first N training rows (after the held-out split)."""
+    max_eval_examples: int | None = None
+    """Use only the first N held-out rows."""
+    on_error: OnError = "raise"
+    """Malformed rows: `raise` stops with file:line; `skip` counts and skips them."""
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be below data.max_length "
+                f"({self.max_length}), or no completion token would fit"
+            )
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    mode: ReferenceMode = "copy"
+    """`copy`: frozen copy of the initial policy; `path`: another checkpoint; `precomputed`: log-probs from
+    `dpokit precompute-ref`; `none`: reference-free (log π_ref taken as 0)."""
+    path: str | None = None
+    """Reference checkpoint (mode `path`), or the model precompute-ref scores with (default: model.path)."""
+    cache: str | None = None
+    """File of precomputed reference log-probs (mode `precomputed`, and where precompute-ref writes)."""
+
+    def __post_init__(self) -> None:
+        if self.mode == "path" and not self.path:
+            raise ConfigError("reference.mode=path needs reference.path (a model folder or .gguf file)")
+        if self.mode == "precomputed" and not self.cache:
+            raise ConfigError("reference.mode=precomputed needs reference.cache (made by `dpokit precompute-ref`)")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: LossName = "sigmoid"
+    """Objective: sigmoid (DPO, Eq. 7), ipo, hinge, dpo_nll, plackett_luce, sft."""
+    beta: float = 0.1
+    """β: strength of the KL constraint toward π_ref."""
+    label_smoothing: float = 0.0
+    """ε of conservative DPO: the assumed probability that a preference label is flipped (sigmoid only)."""
+    nll_alpha: float = 1.0
+    """α of dpo_nll: weight of the per-token NLL of the chosen completion."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"loss.beta must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.name != "sigmoid":
+            raise ConfigError("loss.label_smoothing applies to loss.name=sigmoid only")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/dpokit"
+    """Folder for checkpoints, metrics.jsonl, summary.json and the resolved config."""
+    seed: int = 0
+    """Seed for data order, initialisation of new models and dropout."""
+    batch_size: int = 16
+    """Examples (pairs) per optimizer step."""
+    micro_batch_size: int = 16
+    """Examples per forward/backward; batch_size must be a multiple of it (gradient accumulation)."""
+    epochs: int = 1
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    optimizer: Optimizer = "adamw"
+    """adamw, or rmsprop (the paper's)."""
+    lr: float = 1e-6
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (adamw) or L2 (rmsprop)."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many steps."""
+    schedule: Schedule = "constant"
+    """After warm-up: constant, linear decay to 0, or cosine decay to 0."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value; null disables clipping."""
+    precision: Precision = "auto"
+    """fp32, or bf16 autocast (GPU); auto picks bf16 on CUDA and fp32 on CPU."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    eval_every: int = 0
+    """Evaluate on held-out data every N steps (0: only at the end)."""
+    save_every: int = 0
+    """Save a resumable checkpoint every N steps (0: only the final model)."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    eval_train: bool = False
+    """At the end, also evaluate on every training example (reported as `train_eval/...`)."""
+    deterministic: bool = False
+    """Ask torch for deterministic kernels (slower on GPU)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.name == "sft" and self.reference.mode != "none":
+            raise ConfigError("loss.name=sft trains without a reference: set reference.mode=none")
+        if self.loss.name != "sft" and self.reference.mode == "none" and self.loss.name != "sigmoid":
+            raise ConfigError("reference.mode=none (reference-free) is defined for loss.name=sigmoid only")
+
+
+def _suggest(key: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise ConfigError(f"{where}: {value!r} is not one of: {choices}{_suggest(str(value), map(str, typing.get_args(tp)))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: Any, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{path}'{_suggest(str(key), names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, path)
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `section.field=value` override to a raw config mapping, in place."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like section.field=value")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def load_raw(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    config: RunConfig = _build(RunConfig, raw, "")
+    return config
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML file (or defaults when `path` is None), apply overrides, and validate."""
+    raw = load_raw(path)
+    for override in overrides:
+        apply_override(raw, override)
+    return from_dict(raw)
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")

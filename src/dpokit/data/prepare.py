@@ -1,0 +1,54 @@
+"""From the data section of a config to tokenized train and held-out examples, with one report."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from dpokit.config import DataConfig
+from dpokit.data.formats import Record, Use, load_records
+from dpokit.data.report import DataError, DataReport
+from dpokit.data.tokenize import TokenizedExample, tokenize_records
+
+
+@dataclass
+class PreparedData:
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    train_report: DataReport
+    eval_report: DataReport
+
+
+def _held_out(source: str, fraction: float) -> bool:
+    """A stable, row-level split: every record of a row lands on the same side."""
+    return (zlib.crc32(source.encode()) % 10_000) < fraction * 10_000
+
+
+def load_split_records(config: DataConfig, use: Use) -> tuple[list[Record], list[Record], DataReport, DataReport]:
+    train_report, eval_report = DataReport(), DataReport()
+    records, _ = load_records(config.train_path, config.format, use, config.on_error, train_report)
+    if config.eval_path:
+        eval_records, _ = load_records(config.eval_path, config.format, use, config.on_error, eval_report)
+    elif config.eval_fraction > 0:
+        eval_records = [r for r in records if _held_out(r.source, config.eval_fraction)]
+        records = [r for r in records if not _held_out(r.source, config.eval_fraction)]
+        train_report.records, eval_report.records = len(records), len(eval_records)
+    else:
+        eval_records = []
+    if config.max_examples is not None and len(records) > config.max_examples:
+        train_report.dropped["beyond_max_examples"] += len(records) - config.max_examples
+        records = records[: config.max_examples]
+    if config.max_eval_examples is not None and len(eval_records) > config.max_eval_examples:
+        eval_report.dropped["beyond_max_eval_examples"] += len(eval_records) - config.max_eval_examples
+        eval_records = eval_records[: config.max_eval_examples]
+    return records, eval_records, train_report, eval_report
+
+
+def prepare_data(config: DataConfig, tokenizer: Any, use: Use) -> PreparedData:
+    records, eval_records, train_report, eval_report = load_split_records(config, use)
+    if not records:
+        raise DataError(f"{config.train_path}: no usable training rows ({'; '.join(train_report.lines())})")
+    train = tokenize_records(records, tokenizer, config.max_length, config.max_prompt_length, train_report, "tokenizing train")
+    held_out = tokenize_records(eval_records, tokenizer, config.max_length, config.max_prompt_length, eval_report, "tokenizing eval")
+    return PreparedData(train, held_out, train_report, eval_report)

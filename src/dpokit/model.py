@@ -1,0 +1,112 @@
+"""Loading policies, references and tokenizers; `init-model` builds a small random Llama with its own BPE tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def split_model_path(path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """`folder/x.gguf` -> (`folder`, `x.gguf`); a folder stays as it is."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return str(p.parent), p.name
+    return path, gguf_file
+
+
+def _check_path(path: str) -> None:
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"model path '{path}' does not exist; give a local Hugging Face model folder or a .gguf file "
+            "(dpokit never downloads models)"
+        )
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    folder, gguf = split_model_path(path, gguf_file)
+    _check_path(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer at '{path}' has no EOS token; completions need one to end")
+    if tokenizer.pad_token_id is None:
+        # Pad positions are masked out of attention and loss, so any id works; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, gguf_file: str | None = None, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> Any:
+    """A Hugging Face causal LM from a local folder or a GGUF file (dequantized by transformers)."""
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf = split_model_path(path, gguf_file)
+    _check_path(folder)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on `texts`, with BOS/EOS/PAD and a simple chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+
+
+def init_model(
+    texts: Iterable[str],
+    out_dir: str | Path,
+    vocab_size: int = 2048,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 2048,
+    seed: int = 0,
+) -> Path:
+    """Write a random Llama-style model and a BPE tokenizer trained on `texts` to `out_dir` (HF format)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(texts, vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

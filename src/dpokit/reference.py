@@ -1,0 +1,125 @@
+"""The reference model π_ref, handled every way users need, behind one function: (batch, split) -> (B, K) log-probs.
+
+- copy:        a frozen copy of the initial policy (the default; π_ref = the model DPO starts from)
+- path:        another checkpoint, loaded frozen
+- precomputed: log-probs written by `dpokit precompute-ref`, checked against a content hash of
+               (reference weights, tokenizer, tokenized data, tokenization settings)
+- none:        reference-free, log π_ref = 0
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from dpokit.config import RunConfig
+from dpokit.data.collate import Batch
+from dpokit.data.tokenize import TokenizedExample
+from dpokit.logprobs import sequence_logps
+from dpokit.model import load_model
+
+ReferenceFn = Callable[[Batch, str], Tensor]
+
+
+class ReferenceMismatch(ValueError):
+    """The precomputed reference log-probs were made for other weights, tokenizer, data or settings."""
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256((text + str(tokenizer.chat_template)).encode()).hexdigest()
+
+
+def examples_digest(examples: Sequence[TokenizedExample]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.prompt_ids, e.completion_ids]).encode())
+    return h.hexdigest()
+
+
+def cache_key(weights: str, tokenizer: str, train: Sequence[TokenizedExample], held_out: Sequence[TokenizedExample], config: RunConfig) -> str:
+    """One content hash over everything the reference log-probs depend on."""
+    parts = {
+        "weights": weights,
+        "tokenizer": tokenizer,
+        "train": examples_digest(train),
+        "eval": examples_digest(held_out),
+        "max_length": config.data.max_length,
+        "max_prompt_length": config.data.max_prompt_length,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, batches: Sequence[Batch], device: torch.device, autocast: Any) -> Tensor:
+    """(N, K) log-probs of every example, in data order."""
+    model.eval()
+    out = []
+    for batch in batches:
+        with autocast():
+            logps, _ = sequence_logps(model, batch.to(device))
+        out.append(logps.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def save_cache(path: str | Path, key: str, logps: dict[str, Tensor], info: dict[str, str]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in logps.items()}, str(path), metadata={"key": key, **info})
+
+
+def load_cache(path: str | Path, expected_key: str) -> dict[str, Tensor]:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"reference.cache '{path}' does not exist; make it with `dpokit precompute-ref`")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("key") != expected_key:
+            raise ReferenceMismatch(
+                f"reference.cache '{path}' was computed for other reference weights, tokenizer, data or tokenization "
+                f"settings (its key {meta.get('key', '?')[:12]}…, this run's {expected_key[:12]}…; made from "
+                f"{meta.get('model', '?')} on {meta.get('data', '?')}). Run `dpokit precompute-ref` again with this config."
+            )
+        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+
+def make_reference(
+    config: RunConfig, policy: torch.nn.Module, cache_key_fn: Callable[[], str], device: torch.device
+) -> tuple[ReferenceFn, torch.nn.Module | None]:
+    """Return (batch, split) -> reference log-probs (B, K), and the reference module if one is held."""
+    mode = config.reference.mode
+    if mode == "none":
+        return (lambda batch, split: torch.zeros(batch.num_examples, batch.num_completions, device=device)), None
+    if mode == "precomputed":
+        assert config.reference.cache is not None
+        cached = load_cache(config.reference.cache, cache_key_fn())
+        return (lambda batch, split: cached[split][batch.indices].to(device)), None
+    if mode == "copy":
+        reference = copy.deepcopy(policy)
+    else:
+        assert config.reference.path is not None
+        reference = load_model(config.reference.path, None, config.model.attn_implementation).to(device)
+    reference.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def reference_logps(batch: Batch, split: str) -> Tensor:
+        return sequence_logps(reference, batch)[0]
+
+    return reference_logps, reference

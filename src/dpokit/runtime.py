@@ -1,0 +1,59 @@
+"""What every command does before its real work: device, precision, seeds, tokenizer, data, batches."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from dpokit.config import RunConfig
+from dpokit.data.collate import Batch, collate
+from dpokit.data.formats import Use
+from dpokit.data.prepare import PreparedData, prepare_data
+from dpokit.data.tokenize import TokenizedExample
+from dpokit.losses import LOSSES
+from dpokit.model import load_tokenizer
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:
+    """bf16 autocast on CUDA (weights stay fp32); plain fp32 elsewhere. Returns a context-manager factory."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16 and device.type != "cuda":
+        raise ValueError("train.precision=bf16 needs a CUDA device; on CPU dpokit trains in fp32")
+    if use_bf16:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def data_use(config: RunConfig) -> Use:
+    if config.loss.name == "sft":
+        return "sft"
+    return "pairs" if LOSSES[config.loss.name].pairwise else "ranked"
+
+
+def load_tokenizer_and_data(config: RunConfig) -> tuple[Any, PreparedData]:
+    tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
+    return tokenizer, prepare_data(config.data, tokenizer, data_use(config))
+
+
+def batches_in_order(examples: Sequence[TokenizedExample], size: int, pad_id: int) -> list[Batch]:
+    """Batches over the examples in data order (evaluation, precomputation)."""
+    return [
+        collate(examples[i : i + size], range(i, min(i + size, len(examples))), pad_id) for i in range(0, len(examples), size)
+    ]
