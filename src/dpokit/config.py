@@ -50,6 +50,8 @@ class DataConfig:
     """Fraction of the training rows held out for evaluation when `eval_path` is unset."""
     format: DataFormat = "auto"
     """Row format; `auto` detects it from the first row's fields."""
+    text_field: str = "text"
+    """Field holding the text of plain-text rows (format `text`), e.g. `review`."""
     max_length: int = 512
     """Longest prompt + completion in tokens; completions are cut to fit (their start kept)."""
     max_prompt_length: int = 256
@@ -200,6 +202,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads `3e-4` (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value

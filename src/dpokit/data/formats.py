@@ -10,7 +10,9 @@ written by `datasets.Dataset.save_to_disk`. Row formats (`data.format`, detected
 - pairs:          {prompt, responses: [...], pairs: [[winner, loser], ...]}
 - ranking:        {prompt, responses: [...], ranking: [best, ..., worst]} (indices into responses)
 - completion:     {prompt, completion} (SFT)
-- text:           {text} (SFT on plain text)
+- text:           {text} (SFT on plain text; `text_field` names another field, e.g. `review`)
+
+Tab-separated `.tsv`/`.txt` files without a header read as text rows: the last field is the text.
 """
 
 from __future__ import annotations
@@ -64,6 +66,19 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
 
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}:{i + 1}", row
+    elif path.suffix in (".tsv", ".txt"):
+        # Tab-separated text without a header: the last field is the text, the others are kept as `fields`.
+        with path.open("rb") as f:
+            for i, raw in enumerate(f):
+                where = f"{path}:{i + 1}"
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    yield where, DataError(f"{where}: bytes that are not UTF-8 at offset {e.start}")
+                    continue
+                if line.strip():
+                    *fields, text = line.split("\t")
+                    yield where, {"text": text, "fields": fields}
     elif path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -88,7 +103,7 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
                     yield where, DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})")
 
 
-def detect_format(row: Any, where: str) -> str:
+def detect_format(row: Any, where: str, text_field: str = "text") -> str:
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     keys = set(row)
@@ -102,7 +117,7 @@ def detect_format(row: Any, where: str) -> str:
         return "implicit"
     if {"prompt", "completion"} <= keys:
         return "completion"
-    if "text" in keys:
+    if text_field in keys:
         return "text"
     raise DataError(
         f"{where}: cannot tell the format from fields {sorted(keys)}; expected prompt/chosen/rejected, "
@@ -110,14 +125,18 @@ def detect_format(row: Any, where: str) -> str:
     )
 
 
-def _field(row: dict[str, Any], name: str, where: str, chat: bool | None = None) -> Text:
-    """A non-empty string, or (chat) a non-empty list of {role, content} messages."""
+class EmptyCompletion(Exception):
+    """A completion that is an empty string: a content quirk, skipped and counted rather than trained on."""
+
+
+def _field(row: dict[str, Any], name: str, where: str, chat: bool | None = None, completion: bool = True) -> Text:
+    """A string (non-empty for completions), or (chat) a non-empty list of {role, content} messages."""
     if name not in row:
         raise DataError(f"{where}: missing field '{name}'")
     value = row[name]
     if isinstance(value, str) and chat is not True:
-        if not value:
-            raise DataError(f"{where}: field '{name}' is an empty string")
+        if completion and not value.strip():
+            raise EmptyCompletion(name)
         return value
     if isinstance(value, list) and chat is not False:
         if not value:
@@ -150,7 +169,7 @@ def _split_implicit(chosen: Text, rejected: Text, where: str) -> tuple[Text, Tex
 
 
 def _responses(row: dict[str, Any], where: str) -> tuple[Text, list[Text]]:
-    prompt = _field(row, "prompt", where)
+    prompt = _field(row, "prompt", where, completion=False)
     responses = row.get("responses")
     if not isinstance(responses, list) or len(responses) < 2:
         raise DataError(f"{where}: field 'responses' must be a list of at least 2 completions")
@@ -166,7 +185,7 @@ def _indices(value: Any, n: int, name: str, where: str) -> list[int]:
     return value
 
 
-def row_to_records(row: Any, fmt: str, use: Use, where: str, report: DataReport) -> list[Record]:
+def row_to_records(row: Any, fmt: str, use: Use, where: str, report: DataReport, text_field: str = "text") -> list[Record]:
     """Turn one row into records. Raises DataError for malformed rows; skips content quirks with a count."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
@@ -181,7 +200,7 @@ def row_to_records(row: Any, fmt: str, use: Use, where: str, report: DataReport)
                 return []
             prompt, chosen, rejected = split
         else:
-            prompt = _field(row, "prompt", where, isinstance(chosen, list))
+            prompt = _field(row, "prompt", where, isinstance(chosen, list), completion=False)
         if use == "sft":
             return [Record(prompt, (chosen,), where)]
         if chosen == rejected:
@@ -224,17 +243,22 @@ def row_to_records(row: Any, fmt: str, use: Use, where: str, report: DataReport)
     if fmt == "completion":
         if use != "sft":
             raise DataError(f"{where}: prompt/completion rows have no preference; use them with `dpokit sft`")
-        prompt = _field(row, "prompt", where)
+        prompt = _field(row, "prompt", where, completion=False)
         return [Record(prompt, (_field(row, "completion", where, isinstance(prompt, list)),), where)]
     if fmt == "text":
         if use != "sft":
             raise DataError(f"{where}: plain-text rows have no preference; use them with `dpokit sft`")
-        return [Record("", (_field(row, "text", where, False),), where)]
+        return [Record("", (_field(row, text_field, where, False),), where)]
     raise DataError(f"{where}: unknown format '{fmt}'")
 
 
 def load_records(
-    path: str | Path, fmt: str = "auto", use: Use = "pairs", on_error: str = "raise", report: DataReport | None = None
+    path: str | Path,
+    fmt: str = "auto",
+    use: Use = "pairs",
+    on_error: str = "raise",
+    report: DataReport | None = None,
+    text_field: str = "text",
 ) -> tuple[list[Record], DataReport]:
     """Read every row of `path` into records, counting what was skipped and why."""
     report = report if report is not None else DataReport()
@@ -245,8 +269,10 @@ def load_records(
             if isinstance(row, DataError):
                 raise row
             if fmt == "auto":
-                fmt = detect_format(row, where)
-            records.extend(row_to_records(row, fmt, use, where, report))
+                fmt = detect_format(row, where, text_field)
+            records.extend(row_to_records(row, fmt, use, where, report, text_field))
+        except EmptyCompletion as e:
+            report.skip(f"empty_{e}", where)
         except DataError as e:
             if on_error == "raise":
                 raise

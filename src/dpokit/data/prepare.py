@@ -27,9 +27,9 @@ def _held_out(source: str, fraction: float) -> bool:
 
 def load_split_records(config: DataConfig, use: Use) -> tuple[list[Record], list[Record], DataReport, DataReport]:
     train_report, eval_report = DataReport(), DataReport()
-    records, _ = load_records(config.train_path, config.format, use, config.on_error, train_report)
+    records, _ = load_records(config.train_path, config.format, use, config.on_error, train_report, config.text_field)
     if config.eval_path:
-        eval_records, _ = load_records(config.eval_path, config.format, use, config.on_error, eval_report)
+        eval_records, _ = load_records(config.eval_path, config.format, use, config.on_error, eval_report, config.text_field)
     elif config.eval_fraction > 0:
         eval_records = [r for r in records if _held_out(r.source, config.eval_fraction)]
         records = [r for r in records if not _held_out(r.source, config.eval_fraction)]

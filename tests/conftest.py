@@ -1,0 +1,51 @@
+"""Shared fixtures: real data paths and a tiny model + tokenizer that the tests build themselves (no downloads)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HH = {name: SHARED / "hh-rlhf" / name / "test.jsonl.gz" for name in
+      ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")}
+ULTRAFEEDBACK_TRAIN = SHARED / "ultrafeedback-sample" / "train_clean.jsonl"
+ULTRAFEEDBACK_EVAL = SHARED / "ultrafeedback-sample" / "eval_clean.jsonl"
+IMDB = SHARED / "imdb-text2vec" / "movie_review.jsonl.gz"
+VADER = SHARED / "vader-movie-snippets" / "movieReviewSnippets_GroundTruth.txt"
+
+
+def hh_rows(n: int, subset: str = "helpful-base") -> list[dict]:
+    with gzip.open(HH[subset], "rt", encoding="utf-8") as f:
+        return [json.loads(line) for _, line in zip(range(n), f, strict=False)]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (hidden 32) with a 400-token BPE tokenizer trained on 300 HH rows."""
+    from dpokit.model import init_model
+
+    texts = [t for row in hh_rows(300) for t in (row["chosen"], row["rejected"])]
+    return init_model(texts, tmp_path_factory.mktemp("tiny"), vocab_size=400, hidden_size=32, num_layers=2, num_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model: Path):
+    from dpokit.model import load_tokenizer
+
+    return load_tokenizer(str(tiny_model))
+
+
+@pytest.fixture
+def hh_file(tmp_path: Path) -> Path:
+    """48 real HH rows, the 2nd row duplicated with chosen == rejected to exercise the quirk counter."""
+    rows = hh_rows(48)
+    rows.append({"chosen": rows[1]["chosen"], "rejected": rows[1]["chosen"]})
+    return write_jsonl(tmp_path / "hh.jsonl", rows)

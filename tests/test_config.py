@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from dpokit.cli import _config
+from dpokit.config import ConfigError, RunConfig, load_config, save_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_shipped_configs_exist() -> None:
+    assert len(CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    command = "sft" if "sft" in path.name else "dpo"
+    config = _config(str(path), [], command)
+    assert isinstance(config, RunConfig)
+    assert config.data.train_path
+
+
+def test_unknown_key_suggests_the_nearest(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rate'"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"did you mean 'beta'"):
+        load_config(None, ["loss.betta=0.2"])
+    with pytest.raises(ConfigError, match=r"did you mean 'train'"):
+        load_config(None, ["trian.lr=1"])
+
+
+def test_wrong_types_and_choices_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"train.batch_size: expected int, got str"):
+        load_config(None, ["train.batch_size=abc"])
+    with pytest.raises(ConfigError, match=r"loss.name: 'sigmod' is not one of.*did you mean 'sigmoid'"):
+        load_config(None, ["loss.name=sigmod"])
+    with pytest.raises(ConfigError, match=r"expected int, got bool"):
+        load_config(None, ["train.seed=true"])
+
+
+def test_overrides_and_int_for_float() -> None:
+    config = load_config(None, ["loss.beta=1", "train.lr=3e-4", "data.max_examples=null", "train.max_grad_norm=null"])
+    assert config.loss.beta == 1.0 and isinstance(config.loss.beta, float)
+    assert config.train.lr == pytest.approx(3e-4)
+    assert config.train.max_grad_norm is None
+
+
+def test_contradictory_settings_fail_before_anything_runs() -> None:
+    with pytest.raises(ConfigError, match="max_prompt_length"):
+        load_config(None, ["data.max_length=64", "data.max_prompt_length=64"])
+    with pytest.raises(ConfigError, match="multiple of train.micro_batch_size"):
+        load_config(None, ["train.batch_size=10", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="reference.cache"):
+        load_config(None, ["reference.mode=precomputed"])
+    with pytest.raises(ConfigError, match="label_smoothing applies"):
+        load_config(None, ["loss.name=ipo", "loss.label_smoothing=0.1"])
+    with pytest.raises(ConfigError, match="reference-free"):
+        load_config(None, ["loss.name=ipo", "reference.mode=none"])
+
+
+def test_sft_command_sets_loss_and_refuses_a_contradiction(tmp_path: Path) -> None:
+    config = _config(None, [], "sft")
+    assert config.loss.name == "sft" and config.reference.mode == "none"
+    f = tmp_path / "c.yaml"
+    f.write_text("loss:\n  name: ipo\n")
+    with pytest.raises(ConfigError, match="loss.name=sft"):
+        _config(str(f), [], "sft")
+
+
+def test_saved_config_round_trips(tmp_path: Path) -> None:
+    config = load_config(None, ["loss.beta=0.5", "data.train_path=x.jsonl", "train.max_steps=3"])
+    save_config(config, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == config
