@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-HH = {name: SHARED / "hh-rlhf" / name / "test.jsonl.gz" for name in
-      ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")}
+HH = {
+    name: SHARED / "hh-rlhf" / name / "test.jsonl.gz"
+    for name in ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+}
 ULTRAFEEDBACK_TRAIN = SHARED / "ultrafeedback-sample" / "train_clean.jsonl"
 ULTRAFEEDBACK_EVAL = SHARED / "ultrafeedback-sample" / "eval_clean.jsonl"
 IMDB = SHARED / "imdb-text2vec" / "movie_review.jsonl.gz"

@@ -38,7 +38,9 @@ def test_hh_quirk_locations_are_reported() -> None:
     assert any("prompt_mismatch: 2" in line for line in report.lines())
 
 
-@pytest.mark.parametrize(("path", "rows", "identical", "empty"), [(ULTRAFEEDBACK_TRAIN, 1000, 4, 2), (ULTRAFEEDBACK_EVAL, 200, 1, 0)])
+@pytest.mark.parametrize(
+    ("path", "rows", "identical", "empty"), [(ULTRAFEEDBACK_TRAIN, 1000, 4, 2), (ULTRAFEEDBACK_EVAL, 200, 1, 0)]
+)
 def test_ultrafeedback_loads(path: Path, rows: int, identical: int, empty: int) -> None:
     """SOURCE.md counts rows and identical pairs; the train file also has one empty chosen (line 834) and one
     empty rejected (line 479), which SOURCE.md does not list: they are skipped and counted."""
@@ -81,9 +83,14 @@ def test_json_parquet_and_save_to_disk(tmp_path: Path) -> None:
 
 
 def test_conversational_rows(tmp_path: Path) -> None:
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
-             "chosen": [{"role": "assistant", "content": r["chosen"]}],
-             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in _ultrafeedback_rows(5)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in _ultrafeedback_rows(5)
+    ]
     records, _ = load_records(write_jsonl(tmp_path / "c.jsonl", rows))
     assert len(records) == 5 and records[0].is_chat
     assert records[0].completions[0][0]["role"] == "assistant"
@@ -91,12 +98,24 @@ def test_conversational_rows(tmp_path: Path) -> None:
 
 def test_implicit_message_lists(tmp_path: Path) -> None:
     user = [{"role": "user", "content": "hi"}]
-    rows = [{"chosen": user + [{"role": "assistant", "content": "hello"}], "rejected": user + [{"role": "assistant", "content": "go"}]},
-            {"chosen": user + [{"role": "assistant", "content": "a"}],
-             "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}]
+    rows = [
+        {
+            "chosen": user + [{"role": "assistant", "content": "hello"}],
+            "rejected": user + [{"role": "assistant", "content": "go"}],
+        },
+        {
+            "chosen": user + [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}],
+        },
+    ]
     records, report = load_records(write_jsonl(tmp_path / "i.jsonl", rows))
-    assert records == [Record(user, ([{"role": "assistant", "content": "hello"}], [{"role": "assistant", "content": "go"}]),
-                              f"{tmp_path / 'i.jsonl'}:1")]
+    assert records == [
+        Record(
+            user,
+            ([{"role": "assistant", "content": "hello"}], [{"role": "assistant", "content": "go"}]),
+            f"{tmp_path / 'i.jsonl'}:1",
+        )
+    ]
     assert report.skipped["prompt_mismatch"] == 1
 
 
@@ -128,8 +147,11 @@ def test_sft_rows(tmp_path: Path) -> None:
         ('{"prompt": "p", "chosen": "a", "rejected": 3}', "field 'rejected' must be a string"),
         ('{"prompt": 7, "chosen": "a", "rejected": "b"}', "field 'prompt' must be a string"),
         ('{"prompt": "p", "chosen": "a", "rejected": ', "invalid JSON"),
-        ('[1, 2]', "must be a JSON object"),
-        ('{"prompt": "p", "chosen": [{"role": "assistant"}], "rejected": "b"}', "field 'chosen' must be a string, got list"),
+        ("[1, 2]", "must be a JSON object"),
+        (
+            '{"prompt": "p", "chosen": [{"role": "assistant"}], "rejected": "b"}',
+            "field 'chosen' must be a string, got list",
+        ),
     ],
 )
 def test_malformed_rows_name_file_line_and_field(tmp_path: Path, line: str, message: str) -> None:
@@ -157,14 +179,28 @@ def test_bad_ranking_indices(tmp_path: Path) -> None:
 
 
 def test_empty_completions_are_counted_not_trained(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
-                                              {"prompt": "p", "chosen": "a", "rejected": "  "}])
+    path = write_jsonl(
+        tmp_path / "e.jsonl",
+        [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": "  "}],
+    )
     records, report = load_records(path)
     assert len(records) == 1 and report.skipped["empty_rejected"] == 1
     assert report.where["empty_rejected"] == [f"{path}:2"]
 
 
 def test_message_fields_are_checked(tmp_path: Path) -> None:
-    row = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    row = {
+        "prompt": [{"role": "user", "content": "q"}],
+        "chosen": [{"role": "assistant"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
     with pytest.raises(DataError, match=r"c.jsonl:1: field 'chosen\[0\]' must be a \{role, content\} message"):
         load_records(write_jsonl(tmp_path / "c.jsonl", [row]))
+
+
+def test_hh_transcripts_as_chat_messages() -> None:
+    records, _ = load_records(HH["helpful-base"], chat=True)
+    prompt, (chosen, rejected) = records[0].prompt, records[0].completions
+    assert prompt[0]["role"] == "user" and prompt[-1]["role"] == "user"
+    assert chosen[0]["role"] == rejected[0]["role"] == "assistant"
+    assert not chosen[0]["content"].startswith(" ")

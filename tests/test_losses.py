@@ -7,7 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpokit.losses import LOSSES, compute_loss, dpo_nll_loss, hinge_loss, ipo_loss, plackett_luce_loss, sft_loss, sigmoid_loss
+from dpokit.losses import (
+    LOSSES,
+    compute_loss,
+    dpo_nll_loss,
+    hinge_loss,
+    ipo_loss,
+    plackett_luce_loss,
+    sft_loss,
+    sigmoid_loss,
+)
 
 
 def t(*values: float) -> torch.Tensor:

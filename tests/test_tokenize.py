@@ -10,7 +10,9 @@ from dpokit.data.tokenize import tokenize_record, tokenize_records
 from tests.conftest import HH
 
 
-def _one(tokenizer, record: Record, max_length: int = 512, max_prompt_length: int = 256, report: DataReport | None = None):
+def _one(
+    tokenizer, record: Record, max_length: int = 512, max_prompt_length: int = 256, report: DataReport | None = None
+):
     return tokenize_record(record, tokenizer, max_length, max_prompt_length, report or DataReport())
 
 
@@ -33,7 +35,10 @@ def test_eos_once_and_bos_once(tokenizer) -> None:
 
 def test_chat_template_boundary_and_single_bos(tokenizer) -> None:
     user = [{"role": "user", "content": "hi"}]
-    example = _one(tokenizer, Record(user, ([{"role": "assistant", "content": "hello"}], [{"role": "assistant", "content": "no"}]), "x:1"))
+    example = _one(
+        tokenizer,
+        Record(user, ([{"role": "assistant", "content": "hello"}], [{"role": "assistant", "content": "no"}]), "x:1"),
+    )
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     assert tokenizer.decode(example.prompt_ids).endswith("<|assistant|>\n")
     assert example.prompt_ids.count(bos) == 1
@@ -48,7 +53,10 @@ def test_chat_template_that_is_not_a_prefix_is_refused(tokenizer) -> None:
     tokenizer.chat_template = saved.replace("<|assistant|>\n{% endif %}", "<|assistant|> {% endif %}")
     try:
         with pytest.raises(DataError, match="x:7: the chat template renders the prompt differently"):
-            _one(tokenizer, Record([{"role": "user", "content": "hi"}], ([{"role": "assistant", "content": "a"}],), "x:7"))
+            _one(
+                tokenizer,
+                Record([{"role": "user", "content": "hi"}], ([{"role": "assistant", "content": "a"}],), "x:7"),
+            )
     finally:
         tokenizer.chat_template = saved
 
@@ -56,7 +64,9 @@ def test_chat_template_that_is_not_a_prefix_is_refused(tokenizer) -> None:
 def test_truncation_cuts_prompt_first_keeping_its_end_and_bos(tokenizer) -> None:
     prompt = " ".join(f"word{i}" for i in range(200))
     report = DataReport()
-    example = _one(tokenizer, Record(prompt, (" yes " * 100, " no"), "x:1"), max_length=64, max_prompt_length=16, report=report)
+    example = _one(
+        tokenizer, Record(prompt, (" yes " * 100, " no"), "x:1"), max_length=64, max_prompt_length=16, report=report
+    )
     full_prompt = tokenizer(prompt)["input_ids"]
     assert len(example.prompt_ids) == 16
     assert example.prompt_ids[0] == tokenizer.bos_token_id
@@ -84,7 +94,23 @@ def test_real_hh_file_counts_add_up(tokenizer) -> None:
 def test_preview_shows_prompt_and_trained_tokens(tiny_model: Path, hh_file: Path, capsys) -> None:
     from dpokit.cli import main
 
-    assert main(["preview", str(hh_file), "--model", str(tiny_model), "-n", "1", "--max-length", "64", "--max-prompt-length", "32"]) == 0
+    assert (
+        main(
+            [
+                "preview",
+                str(hh_file),
+                "--model",
+                str(tiny_model),
+                "-n",
+                "1",
+                "--max-length",
+                "64",
+                "--max-prompt-length",
+                "32",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "prompt (not trained):" in out and "chosen (trained," in out and "rejected (trained," in out
     assert "skipped identical_chosen_rejected: 1" in out

@@ -15,11 +15,22 @@ from tests.conftest import write_jsonl
 
 
 def _config(tiny_model: Path, data: Path, out: Path, *extra: str):
-    return load_config(None, [
-        f"model.path={tiny_model}", f"data.train_path={data}", "data.max_length=64", "data.max_prompt_length=32",
-        f"train.output_dir={out}", "train.batch_size=8", "train.micro_batch_size=8", "train.lr=1e-2",
-        "train.max_grad_norm=null", "loss.beta=0.5", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.path={tiny_model}",
+            f"data.train_path={data}",
+            "data.max_length=64",
+            "data.max_prompt_length=32",
+            f"train.output_dir={out}",
+            "train.batch_size=8",
+            "train.micro_batch_size=8",
+            "train.lr=1e-2",
+            "train.max_grad_norm=null",
+            "loss.beta=0.5",
+            *extra,
+        ],
+    )
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -32,12 +43,22 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 def test_dpo_starts_at_ln2_learns_and_writes_everything(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    summary = train(_config(tiny_model, hh_file, out, "train.max_steps=12", "data.eval_fraction=0.2", "train.eval_every=6"))
+    summary = train(
+        _config(tiny_model, hh_file, out, "train.max_steps=12", "data.eval_fraction=0.2", "train.eval_every=6")
+    )
     metrics = [m for m in _metrics(out) if "loss" in m]
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert metrics[-1]["loss"] < 0.5 and metrics[-1]["rewards/accuracies"] >= 0.75
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "lr", "grad_norm",
-                 "tokens_per_second"):
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "lr",
+        "grad_norm",
+        "tokens_per_second",
+    ):
         assert name in metrics[-1]
     assert any("eval/rewards/accuracies" in m for m in _metrics(out))
     assert summary["data"]["train"]["skipped"] == {"identical_chosen_rejected": 1}
@@ -60,8 +81,17 @@ def test_gradient_accumulation_gives_the_large_batch_update(tiny_model: Path, hh
 
 def test_sft_accumulation_normalises_by_tokens(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
     for name, micro in (("big", 8), ("accum", 4)):
-        train(_config(tiny_model, hh_file, tmp_path / name, "train.max_steps=2", f"train.micro_batch_size={micro}",
-                      "loss.name=sft", "reference.mode=none"))
+        train(
+            _config(
+                tiny_model,
+                hh_file,
+                tmp_path / name,
+                "train.max_steps=2",
+                f"train.micro_batch_size={micro}",
+                "loss.name=sft",
+                "reference.mode=none",
+            )
+        )
     big, accum = _weights(tmp_path / "big"), _weights(tmp_path / "accum")
     assert all(torch.allclose(big[k], accum[k], atol=1e-5) for k in big)
     first = _metrics(tmp_path / "big")[0]
@@ -69,11 +99,27 @@ def test_sft_accumulation_normalises_by_tokens(tiny_model: Path, hh_file: Path, 
 
 
 def test_resume_equals_uninterrupted(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
-    extra = ("train.max_steps=6", "train.save_every=2", "train.optimizer=rmsprop", "train.warmup_steps=3", "train.schedule=cosine")
+    extra = (
+        "train.max_steps=6",
+        "train.save_every=2",
+        "train.optimizer=rmsprop",
+        "train.warmup_steps=3",
+        "train.schedule=cosine",
+    )
     train(_config(tiny_model, hh_file, tmp_path / "full", *extra))
     interrupted = tmp_path / "cut"
-    train(_config(tiny_model, hh_file, interrupted, "train.max_steps=6", "train.save_every=2", "train.optimizer=rmsprop",
-                  "train.warmup_steps=3", "train.schedule=cosine"))
+    train(
+        _config(
+            tiny_model,
+            hh_file,
+            interrupted,
+            "train.max_steps=6",
+            "train.save_every=2",
+            "train.optimizer=rmsprop",
+            "train.warmup_steps=3",
+            "train.schedule=cosine",
+        )
+    )
     # Throw away everything after step 2, as if the run had been killed at step 3.
     for late in ("step-4",):
         import shutil
@@ -88,38 +134,83 @@ def test_resume_equals_uninterrupted(tiny_model: Path, hh_file: Path, tmp_path: 
 
 def test_reference_from_path_equals_copy(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
     train(_config(tiny_model, hh_file, tmp_path / "copy", "train.max_steps=2"))
-    train(_config(tiny_model, hh_file, tmp_path / "path", "train.max_steps=2", "reference.mode=path", f"reference.path={tiny_model}"))
-    assert [m["loss"] for m in _metrics(tmp_path / "copy")] == pytest.approx([m["loss"] for m in _metrics(tmp_path / "path")], abs=1e-6)
+    train(
+        _config(
+            tiny_model,
+            hh_file,
+            tmp_path / "path",
+            "train.max_steps=2",
+            "reference.mode=path",
+            f"reference.path={tiny_model}",
+        )
+    )
+    assert [m["loss"] for m in _metrics(tmp_path / "copy")] == pytest.approx(
+        [m["loss"] for m in _metrics(tmp_path / "path")], abs=1e-6
+    )
 
 
 def test_precomputed_reference_matches_and_mismatch_is_refused(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
     from dpokit.precompute import precompute_reference
 
     cache = tmp_path / "ref.safetensors"
-    precompute_reference(_config(tiny_model, hh_file, tmp_path / "pre", f"reference.cache={cache}", "data.eval_fraction=0.2"))
+    precompute_reference(
+        _config(tiny_model, hh_file, tmp_path / "pre", f"reference.cache={cache}", "data.eval_fraction=0.2")
+    )
     train(_config(tiny_model, hh_file, tmp_path / "copy", "train.max_steps=3", "data.eval_fraction=0.2"))
-    train(_config(tiny_model, hh_file, tmp_path / "cached", "train.max_steps=3", "data.eval_fraction=0.2",
-                  "reference.mode=precomputed", f"reference.cache={cache}"))
+    train(
+        _config(
+            tiny_model,
+            hh_file,
+            tmp_path / "cached",
+            "train.max_steps=3",
+            "data.eval_fraction=0.2",
+            "reference.mode=precomputed",
+            f"reference.cache={cache}",
+        )
+    )
     copy_metrics, cached_metrics = _metrics(tmp_path / "copy"), _metrics(tmp_path / "cached")
     for a, b in zip(copy_metrics, cached_metrics, strict=True):
         assert a.keys() == b.keys()
         assert a.get("loss", a.get("eval/loss")) == pytest.approx(b.get("loss", b.get("eval/loss")), abs=1e-5)
     # Other tokenization settings: other token ids, so the cache no longer applies.
     with pytest.raises(ReferenceMismatch, match="precompute-ref"):
-        train(_config(tiny_model, hh_file, tmp_path / "bad", "train.max_steps=1", "data.eval_fraction=0.2", "data.max_length=48",
-                      "reference.mode=precomputed", f"reference.cache={cache}"))
+        train(
+            _config(
+                tiny_model,
+                hh_file,
+                tmp_path / "bad",
+                "train.max_steps=1",
+                "data.eval_fraction=0.2",
+                "data.max_length=48",
+                "reference.mode=precomputed",
+                f"reference.cache={cache}",
+            )
+        )
 
 
 def test_reference_free_and_other_losses_run(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
-    for i, extra in enumerate((["reference.mode=none"], ["loss.name=ipo"], ["loss.name=hinge"], ["loss.name=dpo_nll"],
-                               ["loss.label_smoothing=0.1"])):
+    for i, extra in enumerate(
+        (
+            ["reference.mode=none"],
+            ["loss.name=ipo"],
+            ["loss.name=hinge"],
+            ["loss.name=dpo_nll"],
+            ["loss.label_smoothing=0.1"],
+        )
+    ):
         summary = train(_config(tiny_model, hh_file, tmp_path / str(i), "train.max_steps=2", *extra))
         assert math.isfinite(summary["train"]["loss"])
 
 
 def test_plackett_luce_on_rankings(tiny_model: Path, tmp_path: Path) -> None:
-    rows = [{"prompt": f"Question {i}?", "responses": [f" good answer {i}", f" fine {i}", f" bad {i} no"], "ranking": [0, 1, 2]}
-            for i in range(16)]
+    rows = [
+        {
+            "prompt": f"Question {i}?",
+            "responses": [f" good answer {i}", f" fine {i}", f" bad {i} no"],
+            "ranking": [0, 1, 2],
+        }
+        for i in range(16)
+    ]
     data = write_jsonl(tmp_path / "rank.jsonl", rows)
     train(_config(tiny_model, data, tmp_path / "pl", "train.max_steps=4", "loss.name=plackett_luce"))
     metrics = _metrics(tmp_path / "pl")

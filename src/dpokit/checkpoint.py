@@ -34,7 +34,9 @@ def save_model(model: Any, tokenizer: Any, out: Path, config: RunConfig | None =
     tmp.rename(out)
 
 
-def save_checkpoint(out: Path, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, step: int, config: RunConfig) -> None:
+def save_checkpoint(
+    out: Path, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, step: int, config: RunConfig
+) -> None:
     """A resumable checkpoint at `out` (e.g. runs/x/checkpoints/step-100)."""
     if not distributed.is_main():
         return
@@ -74,7 +76,9 @@ def load_training_state(path: Path, model: Any, optimizer: Any, scheduler: Any) 
     # Tied embeddings are saved once; anything else missing means a wrong checkpoint.
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     state = torch.load(path / STATE_FILE, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -31,7 +31,9 @@ def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for Hugging Face causal LMs.")
+    parser = argparse.ArgumentParser(
+        prog="dpokit", description="Direct Preference Optimization for Hugging Face causal LMs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("sft", "supervised fine-tuning on completions (chosen responses, prompt/completion or text rows)"),
@@ -41,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("args", nargs="*", help="CONFIG.yaml and section.field=value overrides")
         if name != "precompute-ref":
-            p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+            p.add_argument(
+                "--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir"
+            )
     p = sub.add_parser("preview", help="show which tokens are prompt and which are trained, with counts")
     p.add_argument("data", help="data file or save_to_disk folder")
     p.add_argument("--model", required=True, help="model folder or .gguf file (for its tokenizer)")
@@ -90,15 +94,20 @@ def _run(args: argparse.Namespace) -> int:
         from dpokit.preview import render
 
         tokenizer = load_tokenizer(args.model)
-        data_config = DataConfig(train_path=args.data, format=args.format, max_length=args.max_length,
-                                 max_prompt_length=args.max_prompt_length, on_error="skip")
+        data_config = DataConfig(
+            train_path=args.data,
+            format=args.format,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            on_error="skip",
+        )
         data = prepare_data(data_config, tokenizer, "sft" if args.sft else "pairs")
         print(render(tokenizer, data.train, data.train_report, args.examples, args.plain or not sys.stdout.isatty()))
         return 0
     if args.command == "init-model":
         import itertools
 
-        from dpokit.data.formats import iter_rows, record_texts, row_to_records, detect_format
+        from dpokit.data.formats import detect_format, iter_rows, record_texts, row_to_records
         from dpokit.data.report import DataReport
         from dpokit.model import init_model
 
@@ -108,7 +117,9 @@ def _run(args: argparse.Namespace) -> int:
                 if isinstance(row, DataError):
                     continue
                 fmt = fmt or detect_format(row, where)
-                for record in row_to_records(row, fmt, "sft" if fmt in ("text", "completion") else "pairs", where, report):
+                for record in row_to_records(
+                    row, fmt, "sft" if fmt in ("text", "completion") else "pairs", where, report
+                ):
                     yield from record_texts(record)
 
         out = init_model(texts(), args.out, args.vocab_size, args.hidden_size, args.layers, args.heads, seed=args.seed)

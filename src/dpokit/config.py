@@ -52,6 +52,8 @@ class DataConfig:
     """Row format; `auto` detects it from the first row's fields."""
     text_field: str = "text"
     """Field holding the text of plain-text rows (format `text`), e.g. `review`."""
+    chat: bool = False
+    """Render HH-style `\\n\\nHuman:`/`\\n\\nAssistant:` transcripts as messages with the model's chat template."""
     max_length: int = 512
     """Longest prompt + completion in tokens; completions are cut to fit (their start kept)."""
     max_prompt_length: int = 256
@@ -185,7 +187,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         if value not in typing.get_args(tp):
             choices = ", ".join(map(str, typing.get_args(tp)))
-            raise ConfigError(f"{where}: {value!r} is not one of: {choices}{_suggest(str(value), map(str, typing.get_args(tp)))}")
+            raise ConfigError(
+                f"{where}: {value!r} is not one of: {choices}{_suggest(str(value), map(str, typing.get_args(tp)))}"
+            )
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

@@ -21,7 +21,9 @@ def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
 
 def sequence_logps(model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     """Summed completion log-probs and completion lengths, both (B, K), from one forward over all B·K rows."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits  # (B·K, T, V)
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).logits  # (B·K, T, V)
     per_token = token_logps(logits[:, :-1], batch.input_ids[:, 1:])  # (B·K, T-1)
     mask = batch.completion_mask[:, 1:].to(per_token.dtype)
     logps = (per_token * mask).sum(dim=1)

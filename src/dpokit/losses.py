@@ -46,10 +46,15 @@ def sigmoid_loss(
     DPO with noisy preferences"); ε = 0 is Eq. 7. With all reference log-probs 0 this is reference-free DPO.
     All inputs are (B,).
     """
-    logits = beta * ((policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps))
+    logits = beta * (
+        (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    )
     losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     rewards = torch.stack(
-        [_rewards(policy_chosen_logps, reference_chosen_logps, beta), _rewards(policy_rejected_logps, reference_rejected_logps, beta)],
+        [
+            _rewards(policy_chosen_logps, reference_chosen_logps, beta),
+            _rewards(policy_rejected_logps, reference_rejected_logps, beta),
+        ],
         dim=1,
     )
     return LossOutput(losses, rewards)
@@ -78,7 +83,10 @@ def ipo_loss(
     rejected_ratio = (policy_rejected_logps - reference_rejected_logps) / rejected_lengths.clamp(min=1)
     losses = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
     rewards = torch.stack(
-        [_rewards(policy_chosen_logps, reference_chosen_logps, beta), _rewards(policy_rejected_logps, reference_rejected_logps, beta)],
+        [
+            _rewards(policy_chosen_logps, reference_chosen_logps, beta),
+            _rewards(policy_rejected_logps, reference_rejected_logps, beta),
+        ],
         dim=1,
     )
     return LossOutput(losses, rewards)
@@ -93,10 +101,15 @@ def hinge_loss(
 ) -> LossOutput:
     """Hinge loss on the implicit reward margin (SLiC, Zhao et al. 2023, arXiv 2305.10425v1, Eq. 3 with
     reference-normalised scores): loss = max(0, 1 − β·h), h as in `sigmoid_loss`. Inputs are (B,)."""
-    logits = beta * ((policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps))
+    logits = beta * (
+        (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    )
     losses = torch.relu(1.0 - logits)
     rewards = torch.stack(
-        [_rewards(policy_chosen_logps, reference_chosen_logps, beta), _rewards(policy_rejected_logps, reference_rejected_logps, beta)],
+        [
+            _rewards(policy_chosen_logps, reference_chosen_logps, beta),
+            _rewards(policy_rejected_logps, reference_rejected_logps, beta),
+        ],
         dim=1,
     )
     return LossOutput(losses, rewards)
@@ -113,7 +126,9 @@ def dpo_nll_loss(
 ) -> LossOutput:
     """DPO plus α times the per-token NLL of the chosen completion (Pang et al. 2024, arXiv 2404.19733v3, Eq. 3):
     loss = L_DPO − α·log π_θ(y_w|x) / |y_w|. Inputs are (B,)."""
-    dpo = sigmoid_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta)
+    dpo = sigmoid_loss(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta
+    )
     nll = -policy_chosen_logps / chosen_lengths.clamp(min=1)
     return LossOutput(dpo.losses + alpha * nll, dpo.rewards)
 

@@ -45,16 +45,24 @@ def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
     return tokenizer
 
 
-def load_model(path: str, gguf_file: str | None = None, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> Any:
+def load_model(
+    path: str, gguf_file: str | None = None, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> Any:
     """A Hugging Face causal LM from a local folder or a GGUF file (dequantized by transformers)."""
     from transformers import AutoModelForCausalLM
 
     folder, gguf = split_model_path(path, gguf_file)
     _check_path(folder)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
-    if gguf:
-        kwargs["gguf_file"] = gguf
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if not gguf:
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs)
+    # transformers dequantizes GGUF weights to `dtype` on load, so what we hold is an ordinary model; dropping the
+    # quantizer record lets save_pretrained write it as plain safetensors that load without the GGUF file.
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as a Module attribute)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
@@ -66,13 +74,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
         additional_special_tokens=SPECIAL_TOKENS[3:],
     )
 

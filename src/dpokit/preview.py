@@ -27,7 +27,10 @@ def histogram(lengths: Sequence[int], bins: int = 8, width: int = 40) -> list[st
     for n in lengths:
         counts[min(bins - 1, (n - low) // step)] += 1
     top = max(counts)
-    return [f"{low + i * step:>6}-{low + (i + 1) * step - 1:<6} {'#' * round(width * c / top):<{width}} {c}" for i, c in enumerate(counts)]
+    return [
+        f"{low + i * step:>6}-{low + (i + 1) * step - 1:<6} {'#' * round(width * c / top):<{width}} {c}"
+        for i, c in enumerate(counts)
+    ]
 
 
 def render(tokenizer: Any, examples: Sequence[TokenizedExample], report: DataReport, count: int, plain: bool) -> str:
@@ -39,7 +42,9 @@ def render(tokenizer: Any, examples: Sequence[TokenizedExample], report: DataRep
         for k, completion in enumerate(example.completion_ids):
             color = CHOSEN if k == 0 else REJECTED
             label = labels[k] if len(example.completion_ids) > 1 else "completion"
-            lines.append(f"{label} (trained, {len(completion)} tokens): {show_tokens(tokenizer, completion, color, plain)}")
+            lines.append(
+                f"{label} (trained, {len(completion)} tokens): {show_tokens(tokenizer, completion, color, plain)}"
+            )
     lines.append("=== counts")
     lines.extend(report.lines())
     lines.append("=== lengths (prompt + longest completion, tokens)")

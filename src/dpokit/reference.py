@@ -56,7 +56,13 @@ def examples_digest(examples: Sequence[TokenizedExample]) -> str:
     return h.hexdigest()
 
 
-def cache_key(weights: str, tokenizer: str, train: Sequence[TokenizedExample], held_out: Sequence[TokenizedExample], config: RunConfig) -> str:
+def cache_key(
+    weights: str,
+    tokenizer: str,
+    train: Sequence[TokenizedExample],
+    held_out: Sequence[TokenizedExample],
+    config: RunConfig,
+) -> str:
     """One content hash over everything the reference log-probs depend on."""
     parts = {
         "weights": weights,
@@ -95,9 +101,10 @@ def load_cache(path: str | Path, expected_key: str) -> dict[str, Tensor]:
             raise ReferenceMismatch(
                 f"reference.cache '{path}' was computed for other reference weights, tokenizer, data or tokenization "
                 f"settings (its key {meta.get('key', '?')[:12]}…, this run's {expected_key[:12]}…; made from "
-                f"{meta.get('model', '?')} on {meta.get('data', '?')}). Run `dpokit precompute-ref` again with this config."
+                f"{meta.get('model', '?')} on {meta.get('data', '?')}). "
+                "Run `dpokit precompute-ref` again with this config."
             )
-        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        return {name: f.get_tensor(name) for name in f.keys()}
 
 
 def make_reference(

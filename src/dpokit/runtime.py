@@ -55,5 +55,6 @@ def load_tokenizer_and_data(config: RunConfig) -> tuple[Any, PreparedData]:
 def batches_in_order(examples: Sequence[TokenizedExample], size: int, pad_id: int) -> list[Batch]:
     """Batches over the examples in data order (evaluation, precomputation)."""
     return [
-        collate(examples[i : i + size], range(i, min(i + size, len(examples))), pad_id) for i in range(0, len(examples), size)
+        collate(examples[i : i + size], range(i, min(i + size, len(examples))), pad_id)
+        for i in range(0, len(examples), size)
     ]

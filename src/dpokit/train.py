@@ -21,7 +21,6 @@ from dpokit import distributed
 from dpokit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_model
 from dpokit.config import RunConfig, save_config, to_dict
 from dpokit.data.collate import Batch, collate
-from dpokit.data.tokenize import TokenizedExample
 from dpokit.logprobs import sequence_logps
 from dpokit.losses import LOSSES, compute_loss
 from dpokit.model import load_model
@@ -37,7 +36,9 @@ def make_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Opt
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    config: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     warmup, schedule = config.train.warmup_steps, config.train.schedule
 
     def factor(step: int) -> float:
@@ -70,16 +71,35 @@ def batch_loss(
     with torch.no_grad():
         ref_logps = reference_logps(batch, split)
     loss = config.loss
-    out = compute_loss(loss.name, policy_logps, ref_logps.to(policy_logps.dtype), lengths, loss.beta, loss.label_smoothing, loss.nll_alpha)
-    stats = {"loss": float(out.losses.detach().sum()), "examples": batch.num_examples,
-             "completion_tokens": float(lengths.sum()), "tokens": batch.num_tokens,
-             "logps/chosen": float(policy_logps[:, 0].detach().sum())}
+    out = compute_loss(
+        loss.name,
+        policy_logps,
+        ref_logps.to(policy_logps.dtype),
+        lengths,
+        loss.beta,
+        loss.label_smoothing,
+        loss.nll_alpha,
+    )
+    stats = {
+        "loss": float(out.losses.detach().sum()),
+        "examples": batch.num_examples,
+        "completion_tokens": float(lengths.sum()),
+        "tokens": batch.num_tokens,
+        "logps/chosen": float(policy_logps[:, 0].detach().sum()),
+    }
     if batch.num_completions >= 2 and loss.name != "sft":
         chosen, rejected = out.rewards[:, 0], out.rewards[:, 1]
-        stats.update({"rewards/chosen": float(chosen.sum()), "rewards/rejected": float(rejected.sum()),
-                      "rewards/accuracies": float((chosen > rejected).float().sum()),
-                      "rewards/margins": float((chosen - rejected).sum()),
-                      "logps/rejected": float(policy_logps[:, 1].detach().sum())})
+        stats.update(
+            {
+                "rewards/chosen": float(chosen.sum()),
+                "rewards/rejected": float(rejected.sum()),
+                "rewards/accuracies": float((chosen > rejected).float().sum()),
+                "rewards/margins": float((chosen - rejected).sum()),
+                "logps/rejected": float(policy_logps[:, 1].detach().sum()),
+                "logps/ref_chosen": float(ref_logps[:, 0].sum()),
+                "logps/ref_rejected": float(ref_logps[:, 1].sum()),
+            }
+        )
     return out.losses.sum(), stats
 
 
@@ -99,8 +119,15 @@ def averaged(sums: Sequence[dict[str, float]], per_token: bool) -> dict[str, flo
 
 
 @torch.no_grad()
-def evaluate(config: RunConfig, policy: torch.nn.Module, reference_logps: ReferenceFn, batches: Sequence[Batch],
-             device: torch.device, autocast: Any, split: str = "eval") -> dict[str, float]:
+def evaluate(
+    config: RunConfig,
+    policy: torch.nn.Module,
+    reference_logps: ReferenceFn,
+    batches: Sequence[Batch],
+    device: torch.device,
+    autocast: Any,
+    split: str = "eval",
+) -> dict[str, float]:
     policy.eval()
     sums = []
     for batch in tqdm(batches, desc=split, leave=False, disable=not distributed.is_main()):
@@ -159,7 +186,11 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     policy.config.use_cache = False
 
     def key() -> str:
-        weights = weights_digest(policy) if config.reference.path is None else weights_digest(load_model(config.reference.path))
+        weights = (
+            weights_digest(policy)
+            if config.reference.path is None
+            else weights_digest(load_model(config.reference.path))
+        )
         return cache_key(weights, tokenizer_digest(tokenizer), data.train, data.eval, config)
 
     reference_logps, _ = make_reference(config, policy, key, device)
@@ -178,16 +209,21 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     eval_metrics: dict[str, float] = {}
 
     policy.train()
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc=config.loss.name,
-               disable=not distributed.is_main())
+    bar = tqdm(
+        range(start_step, total_steps),
+        initial=start_step,
+        total=total_steps,
+        desc=config.loss.name,
+        disable=not distributed.is_main(),
+    )
     for step in bar:
         started = time.perf_counter()
         indices = distributed.shard(step_examples(len(data.train), step, t.batch_size, t.seed))
         micro = [indices[i : i + t.micro_batch_size] for i in range(0, len(indices), t.micro_batch_size)]
         batches = [collate([data.train[j] for j in m], m, pad_id).to(device) for m in micro]
         # The whole step's normaliser, so that accumulation equals one large batch.
-        normalizer = sum(int(b.completion_mask[:, 1:].sum()) for b in batches) if per_token else len(indices)
-        normalizer = distributed.all_reduce_sum(torch.tensor(float(normalizer), device=device)).item() / distributed.world_size()
+        local = float(sum(int(b.completion_mask[:, 1:].sum()) for b in batches) if per_token else len(indices))
+        normalizer = distributed.all_reduce_sum(torch.tensor(local, device=device)).item() / distributed.world_size()
 
         optimizer.zero_grad(set_to_none=True)
         sums = []
@@ -203,13 +239,19 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
 
         train_metrics = averaged(sums, per_token)
         tokens = train_metrics.pop("tokens")
-        train_metrics |= {"lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                          "tokens_per_second": tokens / (time.perf_counter() - started)}
+        train_metrics |= {
+            "lr": float(scheduler.get_last_lr()[0]),
+            "grad_norm": float(grad_norm),
+            "tokens_per_second": tokens / (time.perf_counter() - started),
+        }
         done = step + 1
         if t.log_every and (done % t.log_every == 0 or done == total_steps):
             log.write(done, train_metrics)
-        bar.set_postfix(loss=f"{train_metrics['loss']:.4f}", acc=f"{train_metrics.get('rewards/accuracies', float('nan')):.2f}",
-                        tok_s=f"{train_metrics['tokens_per_second']:.0f}")
+        bar.set_postfix(
+            loss=f"{train_metrics['loss']:.4f}",
+            acc=f"{train_metrics.get('rewards/accuracies', float('nan')):.2f}",
+            tok_s=f"{train_metrics['tokens_per_second']:.0f}",
+        )
         if eval_batches and t.eval_every and done % t.eval_every == 0 and done < total_steps:
             eval_metrics = evaluate(config, policy, reference_logps, eval_batches, device, autocast)
             log.write(done, eval_metrics)

@@ -168,6 +168,28 @@ def _split_implicit(chosen: Text, rejected: Text, where: str) -> tuple[Text, Tex
     raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both message lists")
 
 
+def hh_messages(transcript: str) -> list[Message]:
+    """`\n\nHuman: a\n\nAssistant: b` -> [{user: a}, {assistant: b}] (the last turn may be empty)."""
+    messages: list[Message] = []
+    for turn in transcript.split("\n\n"):
+        for marker, role in (("Human:", "user"), ("Assistant:", "assistant")):
+            if turn.startswith(marker):
+                messages.append({"role": role, "content": turn[len(marker) :].strip()})
+                break
+        else:
+            if messages:  # a paragraph break inside a turn
+                messages[-1]["content"] += "\n\n" + turn
+    return messages
+
+
+def _as_chat(prompt: str, completions: tuple[str, ...]) -> tuple[list[Message], tuple[list[Message], ...]]:
+    """An HH prompt and its completions as messages, for rendering with the model's own chat template."""
+    messages = hh_messages(prompt)
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages = messages[:-1]
+    return messages, tuple([{"role": "assistant", "content": c.strip()}] for c in completions)
+
+
 def _responses(row: dict[str, Any], where: str) -> tuple[Text, list[Text]]:
     prompt = _field(row, "prompt", where, completion=False)
     responses = row.get("responses")
@@ -185,8 +207,18 @@ def _indices(value: Any, n: int, name: str, where: str) -> list[int]:
     return value
 
 
-def row_to_records(row: Any, fmt: str, use: Use, where: str, report: DataReport, text_field: str = "text") -> list[Record]:
-    """Turn one row into records. Raises DataError for malformed rows; skips content quirks with a count."""
+def row_to_records(
+    row: Any, fmt: str, use: Use, where: str, report: DataReport, text_field: str = "text", chat: bool = False
+) -> list[Record]:
+    """Turn one row into records. Raises DataError for malformed rows; skips content quirks with a count.
+    `chat`: render HH-style string transcripts as messages with the tokenizer's chat template."""
+    records = _row_to_records(row, fmt, use, where, report, text_field)
+    if chat:
+        records = [Record(*_as_chat(r.prompt, r.completions), r.source) if not r.is_chat else r for r in records]  # type: ignore[arg-type]
+    return records
+
+
+def _row_to_records(row: Any, fmt: str, use: Use, where: str, report: DataReport, text_field: str) -> list[Record]:
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     if fmt in ("standard", "conversational", "implicit"):
@@ -259,6 +291,7 @@ def load_records(
     on_error: str = "raise",
     report: DataReport | None = None,
     text_field: str = "text",
+    chat: bool = False,
 ) -> tuple[list[Record], DataReport]:
     """Read every row of `path` into records, counting what was skipped and why."""
     report = report if report is not None else DataReport()
@@ -270,7 +303,7 @@ def load_records(
                 raise row
             if fmt == "auto":
                 fmt = detect_format(row, where, text_field)
-            records.extend(row_to_records(row, fmt, use, where, report, text_field))
+            records.extend(row_to_records(row, fmt, use, where, report, text_field, chat))
         except EmptyCompletion as e:
             report.skip(f"empty_{e}", where)
         except DataError as e:

@@ -27,9 +27,13 @@ def _held_out(source: str, fraction: float) -> bool:
 
 def load_split_records(config: DataConfig, use: Use) -> tuple[list[Record], list[Record], DataReport, DataReport]:
     train_report, eval_report = DataReport(), DataReport()
-    records, _ = load_records(config.train_path, config.format, use, config.on_error, train_report, config.text_field)
+    records, _ = load_records(
+        config.train_path, config.format, use, config.on_error, train_report, config.text_field, config.chat
+    )
     if config.eval_path:
-        eval_records, _ = load_records(config.eval_path, config.format, use, config.on_error, eval_report, config.text_field)
+        eval_records, _ = load_records(
+            config.eval_path, config.format, use, config.on_error, eval_report, config.text_field, config.chat
+        )
     elif config.eval_fraction > 0:
         eval_records = [r for r in records if _held_out(r.source, config.eval_fraction)]
         records = [r for r in records if not _held_out(r.source, config.eval_fraction)]
@@ -49,6 +53,10 @@ def prepare_data(config: DataConfig, tokenizer: Any, use: Use) -> PreparedData:
     records, eval_records, train_report, eval_report = load_split_records(config, use)
     if not records:
         raise DataError(f"{config.train_path}: no usable training rows ({'; '.join(train_report.lines())})")
-    train = tokenize_records(records, tokenizer, config.max_length, config.max_prompt_length, train_report, "tokenizing train")
-    held_out = tokenize_records(eval_records, tokenizer, config.max_length, config.max_prompt_length, eval_report, "tokenizing eval")
+    train = tokenize_records(
+        records, tokenizer, config.max_length, config.max_prompt_length, train_report, "tokenizing train"
+    )
+    held_out = tokenize_records(
+        eval_records, tokenizer, config.max_length, config.max_prompt_length, eval_report, "tokenizing eval"
+    )
     return PreparedData(train, held_out, train_report, eval_report)

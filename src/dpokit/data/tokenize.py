@@ -57,17 +57,20 @@ def encode_text(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int]
     return prompt_ids, completion_ids
 
 
-def encode_chat(tokenizer: Any, prompt: list[dict[str, str]], completion: list[dict[str, str]], source: str) -> tuple[list[int], list[int]]:
+def encode_chat(
+    tokenizer: Any, prompt: list[dict[str, str]], completion: list[dict[str, str]], source: str
+) -> tuple[list[int], list[int]]:
     """Chat: render prompt (with generation prompt) and prompt + completion; the first must be a token prefix."""
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
     prompt_ids = _ids(tokenizer, prompt_text, False)
     full_ids = _ids(tokenizer, full_text, False)
     if full_ids[: len(prompt_ids)] != prompt_ids:
+        around = full_text[len(prompt_text) - 40 : len(prompt_text) + 20]
         raise DataError(
             f"{source}: the chat template renders the prompt differently alone than inside the conversation, so "
             f"the prompt/completion boundary is not a token boundary. Prompt alone ends with "
-            f"{prompt_text[-40:]!r}; the conversation continues with {full_text[len(prompt_text) - 40 : len(prompt_text) + 20]!r}. "
+            f"{prompt_text[-40:]!r}; the conversation reads {around!r} there. "
             "Use a chat template whose generation prompt is a prefix of the rendered assistant turn."
         )
     completion_ids = full_ids[len(prompt_ids) :]
@@ -87,7 +90,9 @@ def _dedupe_bos(ids: list[int], bos: int | None) -> list[int]:
     return ids
 
 
-def tokenize_record(record: Record, tokenizer: Any, max_length: int, max_prompt_length: int, report: DataReport) -> TokenizedExample | None:
+def tokenize_record(
+    record: Record, tokenizer: Any, max_length: int, max_prompt_length: int, report: DataReport
+) -> TokenizedExample | None:
     """Tokenize and truncate one record; None (with a counted reason) when nothing trainable is left."""
     encoded = []
     for completion in record.completions:
@@ -116,7 +121,12 @@ def tokenize_record(record: Record, tokenizer: Any, max_length: int, max_prompt_
 
 
 def tokenize_records(
-    records: Iterable[Record], tokenizer: Any, max_length: int, max_prompt_length: int, report: DataReport, desc: str = "tokenizing"
+    records: Iterable[Record],
+    tokenizer: Any,
+    max_length: int,
+    max_prompt_length: int,
+    report: DataReport,
+    desc: str = "tokenizing",
 ) -> list[TokenizedExample]:
     records = list(records)
     examples = []
