@@ -7,7 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from dpokit.config import ConfigError, RunConfig, apply_override, from_dict, load_raw
-from dpokit.data.report import DataError
+from dpokit.data.report import DataError, DataReport
+from dpokit.reference import ReferenceMismatch
+from dpokit.train import NonFiniteError
 
 
 def _config(path: str | None, overrides: Sequence[str], command: str) -> RunConfig:
@@ -55,6 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-n", "--examples", type=int, default=3)
     p.add_argument("--sft", action="store_true", help="preview SFT examples (one completion each)")
     p.add_argument("--plain", action="store_true", help="no colours")
+    p = sub.add_parser("validate", help="check a data file: every malformed row with file:line and field, and counts")
+    p.add_argument("data", help="data file or save_to_disk folder")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--sft", action="store_true", help="validate for SFT (one completion per example)")
+    p.add_argument("--model", help="also tokenize with this model's tokenizer and count truncations and drops")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-prompt-length", type=int, default=256)
     p = sub.add_parser("init-model", help="create a small random Llama with a BPE tokenizer trained on a data file")
     p.add_argument("--data", required=True, help="data file whose text trains the tokenizer")
     p.add_argument("--out", required=True)
@@ -67,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, ReferenceMismatch, NonFiniteError, FileNotFoundError, ValueError) as e:
         print(f"dpokit {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -81,9 +91,13 @@ def _run(args: argparse.Namespace) -> int:
 
             print(f"wrote {precompute_reference(config)}")
             return 0
-        from dpokit.train import train
+        from dpokit.train import Interrupted, train
 
-        summary = train(config, resume=args.resume)
+        try:
+            summary = train(config, resume=args.resume)
+        except Interrupted as e:
+            print(f"dpokit {args.command}: {e}", file=sys.stderr)
+            return 128 + e.signum
         final = {k: round(v, 4) for k, v in (summary["train"] | summary["eval"]).items()}
         print(f"done: {config.train.output_dir}/final  {final}")
         return 0
@@ -104,6 +118,8 @@ def _run(args: argparse.Namespace) -> int:
         data = prepare_data(data_config, tokenizer, "sft" if args.sft else "pairs")
         print(render(tokenizer, data.train, data.train_report, args.examples, args.plain or not sys.stdout.isatty()))
         return 0
+    if args.command == "validate":
+        return _validate(args)
     if args.command == "init-model":
         import itertools
 
@@ -126,6 +142,28 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
         return 0
     raise AssertionError(args.command)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    """Exit 0 when every row is usable (content quirks are counted, not failures), 1 when some rows are malformed."""
+    from dpokit.data.formats import Use, load_records
+    from dpokit.data.report import MAX_MESSAGES
+    from dpokit.data.tokenize import tokenize_records
+
+    report = DataReport()
+    use: Use = "sft" if args.sft else "pairs"
+    records, _ = load_records(args.data, args.format, use, "skip", report, args.text_field)
+    if args.model:
+        from dpokit.model import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+        tokenize_records(records, tokenizer, args.max_length, args.max_prompt_length, report)
+    for message in report.messages:
+        print(message)
+    if len(report.messages) == MAX_MESSAGES:
+        print(f"... (only the first {MAX_MESSAGES} malformed rows are shown; the counts below cover all)")
+    print("\n".join(report.lines()))
+    return 1 if report.messages else 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ ReferenceMode = Literal["copy", "path", "precomputed", "none"]
 DataFormat = Literal["auto", "standard", "conversational", "implicit", "pairs", "ranking", "completion", "text"]
 Optimizer = Literal["adamw", "rmsprop"]
 Schedule = Literal["constant", "linear", "cosine"]
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 OnError = Literal["raise", "skip"]
 
 
@@ -148,12 +148,19 @@ class TrainConfig:
     """Save a resumable checkpoint every N steps (0: only the final model)."""
     log_every: int = 1
     """Write metrics every N steps."""
+    max_nonfinite_steps: int = 10
+    """Steps with a non-finite loss or gradient that are skipped (with a warning) before the run stops."""
     eval_train: bool = False
     """At the end, also evaluate on every training example (reported as `train_eval/...`)."""
     deterministic: bool = False
     """Ask torch for deterministic kernels (slower on GPU)."""
 
     def __post_init__(self) -> None:
+        if self.precision == "fp16":
+            raise ConfigError(
+                "train.precision=fp16 is refused: fp16 gradients underflow without loss scaling, which dpokit does "
+                "not do. Use bf16 (same speed on Ampere and newer GPUs, no scaling needed) or fp32."
+            )
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size "

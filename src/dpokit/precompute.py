@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dpokit.config import RunConfig
 from dpokit.model import load_model
-from dpokit.reference import cache_key, save_cache, score, tokenizer_digest, weights_digest
+from dpokit.reference import cache_parts, save_cache, score, tokenizer_digest, weights_digest
 from dpokit.runtime import autocast_for, batches_in_order, load_tokenizer_and_data, pick_device
 
 
@@ -19,12 +19,12 @@ def precompute_reference(config: RunConfig) -> Path:
     path = config.reference.path or config.model.path
     gguf = None if config.reference.path else config.model.gguf_file
     model = load_model(path, gguf, config.model.attn_implementation)
-    key = cache_key(weights_digest(model), tokenizer_digest(tokenizer), data.train, data.eval, config)
+    parts = cache_parts(weights_digest(model), tokenizer_digest(tokenizer), data.train, data.eval, config)
     model.to(device)
     size, pad = config.train.micro_batch_size, tokenizer.pad_token_id
     logps = {
         "train": score(model, batches_in_order(data.train, size, pad), device, autocast),
         "eval": score(model, batches_in_order(data.eval, size, pad), device, autocast),
     }
-    save_cache(config.reference.cache, key, logps, {"model": path, "data": config.data.train_path})
+    save_cache(config.reference.cache, parts, logps, {"model": path, "data": config.data.train_path})
     return Path(config.reference.cache)

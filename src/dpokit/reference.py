@@ -56,23 +56,24 @@ def examples_digest(examples: Sequence[TokenizedExample]) -> str:
     return h.hexdigest()
 
 
-def cache_key(
-    weights: str,
+def cache_parts(
+    weights: str | None,
     tokenizer: str,
     train: Sequence[TokenizedExample],
     held_out: Sequence[TokenizedExample],
     config: RunConfig,
-) -> str:
-    """One content hash over everything the reference log-probs depend on."""
+) -> dict[str, str]:
+    """Content digests of everything the reference log-probs depend on (weights None: not known yet)."""
+    settings = f"max_length={config.data.max_length},max_prompt_length={config.data.max_prompt_length}"
     parts = {
-        "weights": weights,
         "tokenizer": tokenizer,
-        "train": examples_digest(train),
-        "eval": examples_digest(held_out),
-        "max_length": config.data.max_length,
-        "max_prompt_length": config.data.max_prompt_length,
+        "train_data": examples_digest(train),
+        "eval_data": examples_digest(held_out),
+        "settings": hashlib.sha256(settings.encode()).hexdigest(),
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    if weights is not None:
+        parts["weights"] = weights
+    return parts
 
 
 @torch.no_grad()
@@ -87,28 +88,44 @@ def score(model: torch.nn.Module, batches: Sequence[Batch], device: torch.device
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
-def save_cache(path: str | Path, key: str, logps: dict[str, Tensor], info: dict[str, str]) -> None:
+def save_cache(path: str | Path, parts: dict[str, str], logps: dict[str, Tensor], info: dict[str, str]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in logps.items()}, str(path), metadata={"key": key, **info})
+    meta = {f"digest/{k}": v for k, v in parts.items()} | info
+    save_file({k: v.contiguous() for k, v in logps.items()}, str(path), metadata=meta)
 
 
-def load_cache(path: str | Path, expected_key: str) -> dict[str, Tensor]:
+PART_NAMES = {
+    "weights": "reference weights",
+    "tokenizer": "tokenizer",
+    "train_data": "training data",
+    "eval_data": "held-out data",
+    "settings": "tokenization settings (data.max_length, data.max_prompt_length)",
+}
+
+
+def check_cache(path: str | Path, parts: dict[str, str]) -> dict[str, str]:
+    """Compare a cache's digests with this run's; raise naming every part that differs. Returns its metadata."""
     if not Path(path).exists():
         raise FileNotFoundError(f"reference.cache '{path}' does not exist; make it with `dpokit precompute-ref`")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-        if meta.get("key") != expected_key:
-            raise ReferenceMismatch(
-                f"reference.cache '{path}' was computed for other reference weights, tokenizer, data or tokenization "
-                f"settings (its key {meta.get('key', '?')[:12]}…, this run's {expected_key[:12]}…; made from "
-                f"{meta.get('model', '?')} on {meta.get('data', '?')}). "
-                "Run `dpokit precompute-ref` again with this config."
-            )
+    differ = [PART_NAMES[k] for k, v in parts.items() if meta.get(f"digest/{k}") != v]
+    if differ:
+        raise ReferenceMismatch(
+            f"reference.cache '{path}' (made from {meta.get('model', '?')} on {meta.get('data', '?')}) does not "
+            f"match this run: other {', '.join(differ)}. Run `dpokit precompute-ref` again with this config."
+        )
+    return meta
+
+
+def load_cache(path: str | Path, parts: dict[str, str]) -> dict[str, Tensor]:
+    check_cache(path, parts)
+    with safe_open(str(path), "pt") as f:
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
 def make_reference(
-    config: RunConfig, policy: torch.nn.Module, cache_key_fn: Callable[[], str], device: torch.device
+    config: RunConfig, policy: torch.nn.Module, cache_parts_fn: Callable[[], dict[str, str]], device: torch.device
 ) -> tuple[ReferenceFn, torch.nn.Module | None]:
     """Return (batch, split) -> reference log-probs (B, K), and the reference module if one is held."""
     mode = config.reference.mode
@@ -116,7 +133,7 @@ def make_reference(
         return (lambda batch, split: torch.zeros(batch.num_examples, batch.num_completions, device=device)), None
     if mode == "precomputed":
         assert config.reference.cache is not None
-        cached = load_cache(config.reference.cache, cache_key_fn())
+        cached = load_cache(config.reference.cache, cache_parts_fn())
         return (lambda batch, split: cached[split][batch.indices].to(device)), None
     if mode == "copy":
         reference = copy.deepcopy(policy)

@@ -7,10 +7,13 @@ token count), so accumulation gives the same update as one large batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from dpokit.data.collate import Batch, collate
 from dpokit.logprobs import sequence_logps
 from dpokit.losses import LOSSES, compute_loss
 from dpokit.model import load_model
-from dpokit.reference import ReferenceFn, cache_key, make_reference, tokenizer_digest, weights_digest
+from dpokit.reference import ReferenceFn, cache_parts, check_cache, make_reference, tokenizer_digest, weights_digest
 from dpokit.runtime import autocast_for, batches_in_order, load_tokenizer_and_data, pick_device, seed_everything
 
 
@@ -140,10 +143,15 @@ def evaluate(
 
 
 class MetricsLog:
-    """metrics.jsonl always; TensorBoard when it is installed."""
+    """metrics.jsonl always; TensorBoard when it is installed. On resume, rows written after the checkpoint
+    (by the run that was killed) are dropped, so that the file reads as one uninterrupted run."""
 
-    def __init__(self, out: Path, append: bool) -> None:
-        self.file = (out / "metrics.jsonl").open("a" if append else "w", encoding="utf-8")
+    def __init__(self, out: Path, resume_step: int) -> None:
+        path = out / "metrics.jsonl"
+        if resume_step and path.exists():
+            rows = [line for line in path.read_text(encoding="utf-8").splitlines() if _complete_row(line, resume_step)]
+            path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+        self.file = path.open("a" if resume_step else "w", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -164,6 +172,42 @@ class MetricsLog:
             self.tb.close()
 
 
+def _complete_row(line: str, last_step: int) -> bool:
+    try:
+        return int(json.loads(line)["step"]) <= last_step
+    except (ValueError, KeyError, TypeError):
+        return False  # a line cut short by a kill
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint was saved and the run stopped cleanly."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by signal {signum}; checkpoint saved at {checkpoint}; continue with --resume")
+        self.signum = signum
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps with a non-finite loss or gradient."""
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[dict[str, int]]:
+    """Turn SIGTERM/SIGINT into a flag the loop checks after each step (so a checkpoint is written first)."""
+    flag: dict[str, int] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: flag.setdefault("signal", signum))
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Run SFT or preference optimisation as the config says; return the summary (also in summary.json)."""
     t = config.train
@@ -182,18 +226,20 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     steps_per_epoch = len(data.train) // t.batch_size
     total_steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
 
+    def parts(weights: str | None) -> dict[str, str]:
+        return cache_parts(weights, tokenizer_digest(tokenizer), data.train, data.eval, config)
+
+    if config.reference.mode == "precomputed":
+        check_cache(str(config.reference.cache), parts(None))  # tokenizer, data, settings: before loading weights
     policy = load_model(config.model.path, config.model.gguf_file, config.model.attn_implementation).to(device)
     policy.config.use_cache = False
 
-    def key() -> str:
-        weights = (
-            weights_digest(policy)
-            if config.reference.path is None
-            else weights_digest(load_model(config.reference.path))
-        )
-        return cache_key(weights, tokenizer_digest(tokenizer), data.train, data.eval, config)
+    def reference_parts() -> dict[str, str]:
+        # The weights digest of the model precompute-ref scored with: the initial policy, or reference.path.
+        reference = policy if config.reference.path is None else load_model(config.reference.path)
+        return parts(weights_digest(reference))
 
-    reference_logps, _ = make_reference(config, policy, key, device)
+    reference_logps, _ = make_reference(config, policy, reference_parts, device)
     optimizer = make_optimizer(config, policy)
     scheduler = make_scheduler(config, optimizer, total_steps)
     checkpoints = out / "checkpoints"
@@ -204,10 +250,11 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id
     eval_batches = batches_in_order(data.eval, t.micro_batch_size, pad_id)
     per_token = LOSSES[config.loss.name].per_token
-    log = MetricsLog(out, append=start_step > 0)
+    log = MetricsLog(out, start_step)
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
 
+    skipped_steps = 0
     policy.train()
     bar = tqdm(
         range(start_step, total_steps),
@@ -216,47 +263,67 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         desc=config.loss.name,
         disable=not distributed.is_main(),
     )
-    for step in bar:
-        started = time.perf_counter()
-        indices = distributed.shard(step_examples(len(data.train), step, t.batch_size, t.seed))
-        micro = [indices[i : i + t.micro_batch_size] for i in range(0, len(indices), t.micro_batch_size)]
-        batches = [collate([data.train[j] for j in m], m, pad_id).to(device) for m in micro]
-        # The whole step's normaliser, so that accumulation equals one large batch.
-        local = float(sum(int(b.completion_mask[:, 1:].sum()) for b in batches) if per_token else len(indices))
-        normalizer = distributed.all_reduce_sum(torch.tensor(local, device=device)).item() / distributed.world_size()
+    with stop_requests() as stop_flag:
+        for step in bar:
+            started = time.perf_counter()
+            indices = distributed.shard(step_examples(len(data.train), step, t.batch_size, t.seed))
+            micro = [indices[i : i + t.micro_batch_size] for i in range(0, len(indices), t.micro_batch_size)]
+            batches = [collate([data.train[j] for j in m], m, pad_id).to(device) for m in micro]
+            # The whole step's normaliser, so that accumulation equals one large batch.
+            local = float(sum(int(b.completion_mask[:, 1:].sum()) for b in batches) if per_token else len(indices))
+            normalizer = (
+                distributed.all_reduce_sum(torch.tensor(local, device=device)).item() / distributed.world_size()
+            )
 
-        optimizer.zero_grad(set_to_none=True)
-        sums = []
-        for batch in batches:
-            with autocast():
-                loss_sum, stats = batch_loss(config, policy, reference_logps, batch, "train")
-            (loss_sum / normalizer).backward()
-            sums.append(stats)
-        max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
-        optimizer.step()
-        scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums = []
+            for batch in batches:
+                with autocast():
+                    loss_sum, stats = batch_loss(config, policy, reference_logps, batch, "train")
+                (loss_sum / normalizer).backward()
+                sums.append(stats)
+            max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+            done = step + 1
+            if math.isfinite(float(grad_norm)) and all(math.isfinite(s["loss"]) for s in sums):
+                optimizer.step()
+                scheduler.step()
+            else:
+                # Skip the update, keep the data moving; too many in a row of such steps means the run is broken.
+                skipped_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                print(f"[warning] step {done}: non-finite loss or gradient, update skipped ({skipped_steps} so far)")
+                if skipped_steps > t.max_nonfinite_steps:
+                    last = latest_checkpoint(checkpoints)
+                    raise NonFiniteError(
+                        f"{skipped_steps} steps had a non-finite loss or gradient (train.max_nonfinite_steps="
+                        f"{t.max_nonfinite_steps}); stopping. Last good checkpoint: {last or 'none saved'}. "
+                        "Lower train.lr, check the data, or use fp32."
+                    )
 
-        train_metrics = averaged(sums, per_token)
-        tokens = train_metrics.pop("tokens")
-        train_metrics |= {
-            "lr": float(scheduler.get_last_lr()[0]),
-            "grad_norm": float(grad_norm),
-            "tokens_per_second": tokens / (time.perf_counter() - started),
-        }
-        done = step + 1
-        if t.log_every and (done % t.log_every == 0 or done == total_steps):
-            log.write(done, train_metrics)
-        bar.set_postfix(
-            loss=f"{train_metrics['loss']:.4f}",
-            acc=f"{train_metrics.get('rewards/accuracies', float('nan')):.2f}",
-            tok_s=f"{train_metrics['tokens_per_second']:.0f}",
-        )
-        if eval_batches and t.eval_every and done % t.eval_every == 0 and done < total_steps:
-            eval_metrics = evaluate(config, policy, reference_logps, eval_batches, device, autocast)
-            log.write(done, eval_metrics)
-        if t.save_every and done % t.save_every == 0 and done < total_steps:
-            save_checkpoint(checkpoints / f"step-{done}", policy, tokenizer, optimizer, scheduler, done, config)
+            train_metrics = averaged(sums, per_token)
+            tokens = train_metrics.pop("tokens")
+            train_metrics |= {
+                "lr": float(scheduler.get_last_lr()[0]),
+                "grad_norm": float(grad_norm),
+                "tokens_per_second": tokens / (time.perf_counter() - started),
+                "skipped_steps": skipped_steps,
+            }
+            if t.log_every and (done % t.log_every == 0 or done == total_steps):
+                log.write(done, train_metrics)
+            bar.set_postfix(
+                loss=f"{train_metrics['loss']:.4f}",
+                acc=f"{train_metrics.get('rewards/accuracies', float('nan')):.2f}",
+                tok_s=f"{train_metrics['tokens_per_second']:.0f}",
+            )
+            if eval_batches and t.eval_every and done % t.eval_every == 0 and done < total_steps:
+                eval_metrics = evaluate(config, policy, reference_logps, eval_batches, device, autocast)
+                log.write(done, eval_metrics)
+            if (t.save_every and done % t.save_every == 0 and done < total_steps) or stop_flag:
+                save_checkpoint(checkpoints / f"step-{done}", policy, tokenizer, optimizer, scheduler, done, config)
+            if stop_flag:
+                log.close()
+                raise Interrupted(stop_flag["signal"], checkpoints / f"step-{done}")
 
     if eval_batches:
         eval_metrics = evaluate(config, policy, reference_logps, eval_batches, device, autocast)

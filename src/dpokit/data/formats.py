@@ -74,7 +74,7 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
                 try:
                     line = raw.decode("utf-8").rstrip("\r\n")
                 except UnicodeDecodeError as e:
-                    yield where, DataError(f"{where}: bytes that are not UTF-8 at offset {e.start}")
+                    yield where, DataError(f"{where}: bytes that are not UTF-8 at offset {e.start}", "not_utf8")
                     continue
                 if line.strip():
                     *fields, text = line.split("\t")
@@ -98,14 +98,16 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
                 try:
                     yield where, json.loads(raw.decode("utf-8"))
                 except UnicodeDecodeError as e:
-                    yield where, DataError(f"{where}: bytes that are not UTF-8 at offset {e.start}")
+                    yield where, DataError(f"{where}: bytes that are not UTF-8 at offset {e.start}", "not_utf8")
                 except json.JSONDecodeError as e:
-                    yield where, DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})")
+                    yield where, DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})", "invalid_json")
+                except RecursionError:
+                    yield where, DataError(f"{where}: invalid JSON: nested too deeply", "invalid_json")
 
 
 def detect_format(row: Any, where: str, text_field: str = "text") -> str:
     if not isinstance(row, dict):
-        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "not_an_object")
     keys = set(row)
     if {"prompt", "responses", "pairs"} <= keys:
         return "pairs"
@@ -121,8 +123,36 @@ def detect_format(row: Any, where: str, text_field: str = "text") -> str:
         return "text"
     raise DataError(
         f"{where}: cannot tell the format from fields {sorted(keys)}; expected prompt/chosen/rejected, "
-        "chosen/rejected, prompt/responses/pairs, prompt/responses/ranking, prompt/completion or text"
+        "chosen/rejected, prompt/responses/pairs, prompt/responses/ranking, prompt/completion or text",
+        "unknown_format",
     )
+
+
+FORMAT_FIELDS = {
+    "standard": {"prompt", "chosen", "rejected"},
+    "conversational": {"prompt", "chosen", "rejected"},
+    "implicit": {"chosen", "rejected"},
+    "pairs": {"prompt", "responses", "pairs"},
+    "ranking": {"prompt", "responses", "ranking"},
+    "completion": {"prompt", "completion"},
+    "text": set(),
+}
+STRUCTURAL_FIELDS = set().union(*FORMAT_FIELDS.values(), {"text"})
+
+
+def _check_fields(row: dict[str, Any], fmt: str, where: str, report: DataReport, text_field: str) -> None:
+    """A field of another format is an error (a file holds one format); other extra fields are read past and counted."""
+    expected = FORMAT_FIELDS.get(fmt, set()) | ({text_field} if fmt == "text" else set())
+    for key in row:
+        if key in expected:
+            continue
+        if key in STRUCTURAL_FIELDS or key == text_field:
+            raise DataError(
+                f"{where}: unexpected field '{key}' in a {fmt} row (fields {sorted(expected)}); "
+                "one file holds one format, or set data.format",
+                "unexpected_field",
+            )
+        report.ignored_fields[str(key)] += 1
 
 
 class EmptyCompletion(Exception):
@@ -132,7 +162,7 @@ class EmptyCompletion(Exception):
 def _field(row: dict[str, Any], name: str, where: str, chat: bool | None = None, completion: bool = True) -> Text:
     """A string (non-empty for completions), or (chat) a non-empty list of {role, content} messages."""
     if name not in row:
-        raise DataError(f"{where}: missing field '{name}'")
+        raise DataError(f"{where}: missing field '{name}'", "missing_field")
     value = row[name]
     if isinstance(value, str) and chat is not True:
         if completion and not value.strip():
@@ -140,32 +170,38 @@ def _field(row: dict[str, Any], name: str, where: str, chat: bool | None = None,
         return value
     if isinstance(value, list) and chat is not False:
         if not value:
-            raise DataError(f"{where}: field '{name}' is an empty message list")
+            raise DataError(f"{where}: field '{name}' is an empty message list", "empty_field")
         for j, m in enumerate(value):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise DataError(f"{where}: field '{name}[{j}]' must be a {{role, content}} message with string values")
+                raise DataError(
+                    f"{where}: field '{name}[{j}]' must be a {{role, content}} message with string values", "wrong_type"
+                )
         return value
     kind = "a list of messages" if chat else "a string"
-    raise DataError(f"{where}: field '{name}' must be {kind}, got {type(value).__name__}")
+    raise DataError(f"{where}: field '{name}' must be {kind}, got {type(value).__name__}", "wrong_type")
 
 
 def _split_implicit(chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text] | None:
     """Split two whole transcripts at the last assistant turn; None when their prompts differ."""
     if isinstance(chosen, list) and isinstance(rejected, list):
         if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-            raise DataError(f"{where}: implicit-prompt message lists must end with an assistant message")
+            raise DataError(
+                f"{where}: implicit-prompt message lists must end with an assistant message", "malformed_transcript"
+            )
         if chosen[:-1] != rejected[:-1]:
             return None
         return chosen[:-1], [chosen[-1]], [rejected[-1]]
     if isinstance(chosen, str) and isinstance(rejected, str):
         cut = chosen.rfind(HH_ASSISTANT)
         if cut < 0:
-            raise DataError(f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn to split the prompt at")
+            raise DataError(
+                f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn to split the prompt at", "malformed_transcript"
+            )
         prompt = chosen[: cut + len(HH_ASSISTANT)]
         if not rejected.startswith(prompt):
             return None
         return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
-    raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both message lists")
+    raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both message lists", "wrong_type")
 
 
 def hh_messages(transcript: str) -> list[Message]:
@@ -194,16 +230,16 @@ def _responses(row: dict[str, Any], where: str) -> tuple[Text, list[Text]]:
     prompt = _field(row, "prompt", where, completion=False)
     responses = row.get("responses")
     if not isinstance(responses, list) or len(responses) < 2:
-        raise DataError(f"{where}: field 'responses' must be a list of at least 2 completions")
+        raise DataError(f"{where}: field 'responses' must be a list of at least 2 completions", "wrong_type")
     chat = isinstance(prompt, list)
     return prompt, [_field({"r": r}, "r", f"{where} responses[{j}]", chat) for j, r in enumerate(responses)]
 
 
 def _indices(value: Any, n: int, name: str, where: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-        raise DataError(f"{where}: field '{name}' must be a list of integer indices")
+        raise DataError(f"{where}: field '{name}' must be a list of integer indices", "wrong_type")
     if any(not 0 <= i < n for i in value):
-        raise DataError(f"{where}: field '{name}' has an index outside 0..{n - 1}")
+        raise DataError(f"{where}: field '{name}' has an index outside 0..{n - 1}", "bad_index")
     return value
 
 
@@ -212,6 +248,9 @@ def row_to_records(
 ) -> list[Record]:
     """Turn one row into records. Raises DataError for malformed rows; skips content quirks with a count.
     `chat`: render HH-style string transcripts as messages with the tokenizer's chat template."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "not_an_object")
+    _check_fields(row, fmt, where, report, text_field)
     records = _row_to_records(row, fmt, use, where, report, text_field)
     if chat:
         records = [Record(*_as_chat(r.prompt, r.completions), r.source) if not r.is_chat else r for r in records]  # type: ignore[arg-type]
@@ -220,7 +259,7 @@ def row_to_records(
 
 def _row_to_records(row: Any, fmt: str, use: Use, where: str, report: DataReport, text_field: str) -> list[Record]:
     if not isinstance(row, dict):
-        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "not_an_object")
     if fmt in ("standard", "conversational", "implicit"):
         chat = fmt == "conversational" if fmt != "implicit" else None
         chosen = _field(row, "chosen", where, chat)
@@ -243,7 +282,7 @@ def _row_to_records(row: Any, fmt: str, use: Use, where: str, report: DataReport
         prompt, responses = _responses(row, where)
         pairs = row["pairs"]
         if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
-            raise DataError(f"{where}: field 'pairs' must be a list of [winner, loser] index pairs")
+            raise DataError(f"{where}: field 'pairs' must be a list of [winner, loser] index pairs", "wrong_type")
         if use == "sft":
             winners = dict.fromkeys(_indices([p[0] for p in pairs], len(responses), "pairs", where))
             return [Record(prompt, (responses[w],), where) for w in winners]
@@ -259,7 +298,7 @@ def _row_to_records(row: Any, fmt: str, use: Use, where: str, report: DataReport
         prompt, responses = _responses(row, where)
         ranking = _indices(row["ranking"], len(responses), "ranking", where)
         if len(set(ranking)) != len(ranking) or len(ranking) < 2:
-            raise DataError(f"{where}: field 'ranking' must list at least 2 distinct response indices")
+            raise DataError(f"{where}: field 'ranking' must list at least 2 distinct response indices", "bad_index")
         ranked = [responses[i] for i in ranking]
         if use == "sft":
             return [Record(prompt, (ranked[0],), where)]
@@ -274,12 +313,14 @@ def _row_to_records(row: Any, fmt: str, use: Use, where: str, report: DataReport
         return records
     if fmt == "completion":
         if use != "sft":
-            raise DataError(f"{where}: prompt/completion rows have no preference; use them with `dpokit sft`")
+            raise DataError(
+                f"{where}: prompt/completion rows have no preference; use them with `dpokit sft`", "wrong_format"
+            )
         prompt = _field(row, "prompt", where, completion=False)
         return [Record(prompt, (_field(row, "completion", where, isinstance(prompt, list)),), where)]
     if fmt == "text":
         if use != "sft":
-            raise DataError(f"{where}: plain-text rows have no preference; use them with `dpokit sft`")
+            raise DataError(f"{where}: plain-text rows have no preference; use them with `dpokit sft`", "wrong_format")
         return [Record("", (_field(row, text_field, where, False),), where)]
     raise DataError(f"{where}: unknown format '{fmt}'")
 
@@ -309,23 +350,9 @@ def load_records(
         except DataError as e:
             if on_error == "raise":
                 raise
-            report.skip(_reason(e), where)
+            report.error(e, where)
     report.records += len(records)
     return records, report
-
-
-def _reason(error: DataError) -> str:
-    text = str(error)
-    for marker, reason in (
-        ("not UTF-8", "not_utf8"),
-        ("invalid JSON", "invalid_json"),
-        ("missing field", "missing_field"),
-        ("empty", "empty_field"),
-        ("must be", "wrong_type"),
-    ):
-        if marker in text:
-            return reason
-    return "malformed_row"
 
 
 def record_texts(record: Record) -> list[str]:

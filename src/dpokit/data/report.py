@@ -9,8 +9,16 @@ from typing import Any
 EXAMPLES_PER_REASON = 3
 
 
+MAX_MESSAGES = 1000
+
+
 class DataError(ValueError):
-    """Bad input a person can fix; the message names the file, the line and the field."""
+    """Bad input a person can fix; the message names the file, the line and the field. `reason` is the short
+    name it is counted under when rows are skipped (`data.on_error=skip`)."""
+
+    def __init__(self, message: str, reason: str = "malformed_row") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -26,6 +34,10 @@ class DataReport:
     dropped: Counter[str] = field(default_factory=Counter)
     truncated: Counter[str] = field(default_factory=Counter)
     where: dict[str, list[str]] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+    """The full message of each malformed row (the first MAX_MESSAGES)."""
+    ignored_fields: Counter[str] = field(default_factory=Counter)
+    """Fields no format uses (ids, metadata): read past, counted by name."""
 
     def note(self, kind: Counter[str], reason: str, source: str) -> None:
         kind[reason] += 1
@@ -35,6 +47,12 @@ class DataReport:
 
     def skip(self, reason: str, source: str) -> None:
         self.note(self.skipped, reason, source)
+
+    def error(self, error: DataError, source: str) -> None:
+        """A malformed row that was skipped (data.on_error=skip)."""
+        self.skip(error.reason, source)
+        if len(self.messages) < MAX_MESSAGES:
+            self.messages.append(str(error))
 
     def drop(self, reason: str, source: str) -> None:
         self.note(self.dropped, reason, source)
@@ -50,6 +68,7 @@ class DataReport:
             "skipped": dict(self.skipped),
             "dropped": dict(self.dropped),
             "truncated": dict(self.truncated),
+            "ignored_fields": dict(self.ignored_fields),
             "examples": self.where,
         }
 
@@ -60,4 +79,6 @@ class DataReport:
             for reason, n in sorted(counts.items()):
                 places = ", ".join(self.where.get(reason, []))
                 out.append(f"  {title} {reason}: {n}  (e.g. {places})")
+        if self.ignored_fields:
+            out.append(f"  fields read past (no format uses them): {dict(self.ignored_fields)}")
         return out
