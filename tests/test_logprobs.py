@@ -16,7 +16,7 @@ def test_padded_batch_equals_sequences_run_alone(tiny_model) -> None:
     ]
     batch = collate(examples, [0, 1], pad_id=0)
     with torch.no_grad():
-        logps, lengths = sequence_logps(model, batch)
+        logps, lengths, log1m = sequence_logps(model, batch)
     assert lengths.tolist() == [[3, 2], [1, 5]]
     for b, example in enumerate(examples):
         for k, completion in enumerate(example.completion_ids):
@@ -24,5 +24,6 @@ def test_padded_batch_equals_sequences_run_alone(tiny_model) -> None:
             with torch.no_grad():
                 logits = model(input_ids=ids).logits[0].double()
             lp = torch.log_softmax(logits, -1)
-            expected = sum(lp[len(example.prompt_ids) + t - 1, tok] for t, tok in enumerate(completion))
-            assert torch.allclose(logps[b, k].double(), expected, atol=1e-4), (b, k)
+            token_lp = torch.stack([lp[len(example.prompt_ids) + t - 1, tok] for t, tok in enumerate(completion)])
+            assert torch.allclose(logps[b, k].double(), token_lp.sum(), atol=1e-4), (b, k)
+            assert torch.allclose(log1m[b, k].double(), torch.log1p(-token_lp.exp()).sum(), atol=1e-4), (b, k)

@@ -105,6 +105,16 @@ def test_reference_free_is_dpo_with_zero_reference() -> None:
     assert out.losses.item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))))
 
 
+def test_unlikelihood_hand_computed() -> None:
+    """Chosen log-prob −4 over 2 tokens: NLL 2 per token. Rejected tokens with p = 0.5 and p = 0.75:
+    Σ log(1 − p) = log 0.5 + log 0.25 = −3·log 2, per token −1.5·log 2; α = 0.5 gives 2 + 0.75·log 2."""
+    from dpokit.losses import unlikelihood_loss
+
+    log1m = t(math.log(0.5) + math.log(0.25))
+    out = unlikelihood_loss(t(-4.0), log1m, t(2.0), t(2.0), alpha=0.5)
+    assert out.item() == pytest.approx(2 + 0.75 * math.log(2))
+
+
 def test_sft_is_summed_nll() -> None:
     assert sft_loss(t(-2.0, -5.0)).losses.tolist() == [2.0, 5.0]
 
@@ -112,7 +122,7 @@ def test_sft_is_summed_nll() -> None:
 def test_compute_loss_dispatch_and_shape_checks() -> None:
     policy, reference, lengths = torch.randn(4, 2), torch.randn(4, 2), torch.full((4, 2), 3.0)
     for name in LOSSES:
-        out = compute_loss(name, policy, reference, lengths, beta=0.1)
+        out = compute_loss(name, policy, reference, lengths, beta=0.1, policy_log1m=-torch.rand(4, 2))
         assert out.losses.shape == (4,) and torch.isfinite(out.losses).all()
     with pytest.raises(ValueError, match="2 completions"):
         compute_loss("sigmoid", torch.randn(4, 3), torch.randn(4, 3), torch.ones(4, 3), beta=0.1)

@@ -91,8 +91,8 @@ def test_sigmoid_loss_and_logps_match_trl(tmp_path) -> None:
         assert [list(c) for c in ours.completion_ids] == [theirs["chosen_ids"], theirs["rejected_ids"]]
     batch = collate(examples, range(len(examples)), tokenizer.pad_token_id)
     with torch.no_grad():
-        policy_logps, _ = sequence_logps(trainer.model, batch)
-        reference_logps, _ = sequence_logps(reference, batch)
+        policy_logps = sequence_logps(trainer.model, batch).logps
+        reference_logps = sequence_logps(reference, batch).logps
     out = sigmoid_loss(policy_logps[:, 0], policy_logps[:, 1], reference_logps[:, 0], reference_logps[:, 1], beta=1.0)
 
     assert torch.allclose(policy_logps[:, 0], trl_policy_chosen.float(), atol=1e-5, rtol=0)

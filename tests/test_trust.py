@@ -251,12 +251,12 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_model, hh_file, tmp_path, m
     calls = {"n": 0}
 
     def poisoned(model, batch):
-        logps, lengths = real(model, batch)
+        out = real(model, batch)
         calls["n"] += 1
         # Two policy forwards per step (2 micro-batches): poison steps 2 and 4.
         if calls["n"] in (3, 7):
-            logps = logps * float("nan")
-        return logps, lengths
+            out = out._replace(logps=out.logps * float("nan"))
+        return out
 
     monkeypatch.setattr(train_module, "sequence_logps", poisoned)
     out = tmp_path / "run"

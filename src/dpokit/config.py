@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-LossName = Literal["sigmoid", "ipo", "hinge", "dpo_nll", "plackett_luce", "sft"]
+LossName = Literal["sigmoid", "ipo", "hinge", "dpo_nll", "plackett_luce", "unlikelihood", "sft"]
 ReferenceMode = Literal["copy", "path", "precomputed", "none"]
 DataFormat = Literal["auto", "standard", "conversational", "implicit", "pairs", "ranking", "completion", "text"]
 Optimizer = Literal["adamw", "rmsprop"]
@@ -95,13 +95,15 @@ class ReferenceConfig:
 @dataclass(frozen=True)
 class LossConfig:
     name: LossName = "sigmoid"
-    """Objective: sigmoid (DPO, Eq. 7), ipo, hinge, dpo_nll, plackett_luce, sft."""
+    """Objective: sigmoid (DPO, Eq. 7), ipo, hinge, dpo_nll, plackett_luce, unlikelihood, sft."""
     beta: float = 0.1
     """β: strength of the KL constraint toward π_ref."""
     label_smoothing: float = 0.0
     """ε of conservative DPO: the assumed probability that a preference label is flipped (sigmoid only)."""
     nll_alpha: float = 1.0
     """α of dpo_nll: weight of the per-token NLL of the chosen completion."""
+    unlikelihood_alpha: float = 1.0
+    """α of unlikelihood: weight of the token-wise log(1 − p) term on the rejected completion."""
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -179,7 +181,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.loss.name == "sft" and self.reference.mode != "none":
             raise ConfigError("loss.name=sft trains without a reference: set reference.mode=none")
-        if self.loss.name != "sft" and self.reference.mode == "none" and self.loss.name != "sigmoid":
+        if self.reference.mode == "none" and self.loss.name not in ("sigmoid", "unlikelihood", "sft"):
             raise ConfigError("reference.mode=none (reference-free) is defined for loss.name=sigmoid only")
 
 

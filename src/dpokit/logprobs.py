@@ -6,6 +6,8 @@ computed in fp32 whatever the model's dtype. Chosen and rejected (all K completi
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -19,14 +21,25 @@ def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_logps(model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-    """Summed completion log-probs and completion lengths, both (B, K), from one forward over all B·K rows."""
+class SequenceLogps(NamedTuple):
+    logps: Tensor
+    """(B, K) Σ_t log π(y_t | x, y_<t) over completion tokens."""
+    lengths: Tensor
+    """(B, K) completion tokens."""
+    log1m: Tensor
+    """(B, K) Σ_t log(1 − π(y_t | x, y_<t)), the unlikelihood term (Welleck et al. 2019)."""
+
+
+def sequence_logps(model: torch.nn.Module, batch: Batch) -> SequenceLogps:
+    """Summed completion log-probs, lengths and unlikelihood sums, all (B, K), from one forward over all B·K rows."""
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).logits  # (B·K, T, V)
     per_token = token_logps(logits[:, :-1], batch.input_ids[:, 1:])  # (B·K, T-1)
     mask = batch.completion_mask[:, 1:].to(per_token.dtype)
-    logps = (per_token * mask).sum(dim=1)
-    lengths = mask.sum(dim=1)
+    # log(1 − p) from log p; p is clamped below 1 so a certain token gives a large finite penalty, not −inf.
+    log1m = torch.log1p(-per_token.exp().clamp(max=1.0 - 1e-6))
     shape = (batch.num_examples, batch.num_completions)
-    return logps.view(shape), lengths.view(shape)
+    return SequenceLogps(
+        (per_token * mask).sum(dim=1).view(shape), mask.sum(dim=1).view(shape), (log1m * mask).sum(dim=1).view(shape)
+    )

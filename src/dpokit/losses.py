@@ -10,7 +10,6 @@ shape (B, K), column 0 the preferred completion. None of them sees a model, a ba
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -148,6 +147,25 @@ def plackett_luce_loss(policy_logps: Tensor, reference_logps: Tensor, beta: floa
     return LossOutput(losses, scores.detach())
 
 
+def unlikelihood_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_log1m: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    alpha: float,
+) -> Tensor:
+    """Unlikelihood training on pairs (Welleck et al. 2019, arXiv 1908.04319v2, Eq. 4; the DPO paper's baseline):
+
+    loss = −log π(y_w|x) / |y_w| − α · Σ_t log(1 − π(y_l,t | x, y_l,<t)) / |y_l|
+
+    raises the likelihood of the preferred completion and pushes down every token of the dispreferred one.
+    `policy_rejected_log1m` is Σ_t log(1 − π(y_l,t|·)). Inputs are (B,); returns per-example losses (B,).
+    """
+    return -policy_chosen_logps / chosen_lengths.clamp(min=1) - alpha * policy_rejected_log1m / rejected_lengths.clamp(
+        min=1
+    )
+
+
 def sft_loss(policy_logps: Tensor) -> LossOutput:
     """Negative log-likelihood of the completion, summed over its tokens; the training loop divides by the
     number of completion tokens in the whole batch, which gives the usual per-token mean. Input is (B,) or (B, 1)."""
@@ -168,6 +186,7 @@ LOSSES: dict[str, LossSpec] = {
     "hinge": LossSpec(pairwise=True, per_token=False),
     "dpo_nll": LossSpec(pairwise=True, per_token=False),
     "plackett_luce": LossSpec(pairwise=False, per_token=False),
+    "unlikelihood": LossSpec(pairwise=True, per_token=False),
     "sft": LossSpec(pairwise=False, per_token=True),
 }
 
@@ -180,8 +199,11 @@ def compute_loss(
     beta: float,
     label_smoothing: float = 0.0,
     nll_alpha: float = 1.0,
+    policy_log1m: Tensor | None = None,
+    unlikelihood_alpha: float = 1.0,
 ) -> LossOutput:
-    """Dispatch by loss name on (B, K) tensors (K = 2 for pairwise losses, column 0 preferred)."""
+    """Dispatch by loss name on (B, K) tensors (K = 2 for pairwise losses, column 0 preferred).
+    `policy_log1m` (B, K), Σ_t log(1 − π(y_t|·)), is needed by `unlikelihood` only."""
     if name == "sft":
         return sft_loss(policy_logps)
     if name == "plackett_luce":
@@ -199,7 +221,9 @@ def compute_loss(
         return hinge_loss(pc, pr, rc, rr, beta)
     if name == "dpo_nll":
         return dpo_nll_loss(pc, pr, rc, rr, lc, beta, nll_alpha)
+    if name == "unlikelihood":
+        if policy_log1m is None:
+            raise ValueError("the unlikelihood loss needs policy_log1m")
+        losses = unlikelihood_loss(pc, policy_log1m[:, 1], lc, lr, unlikelihood_alpha)
+        return LossOutput(losses, sigmoid_loss(pc, pr, rc, rr, beta).rewards)
     raise ValueError(f"unknown loss '{name}'; known: {', '.join(LOSSES)}")
-
-
-LossFn = Callable[..., LossOutput]

@@ -83,7 +83,7 @@ def score(model: torch.nn.Module, batches: Sequence[Batch], device: torch.device
     out = []
     for batch in batches:
         with autocast():
-            logps, _ = sequence_logps(model, batch.to(device))
+            logps = sequence_logps(model, batch.to(device)).logps
         out.append(logps.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 2)
 
@@ -144,6 +144,6 @@ def make_reference(
 
     @torch.no_grad()
     def reference_logps(batch: Batch, split: str) -> Tensor:
-        return sequence_logps(reference, batch)[0]
+        return sequence_logps(reference, batch).logps
 
     return reference_logps, reference

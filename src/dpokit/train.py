@@ -70,7 +70,7 @@ def batch_loss(
     config: RunConfig, policy: torch.nn.Module, reference_logps: ReferenceFn, batch: Batch, split: str
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed loss over the batch's examples and summed statistics (divide by the counts to average)."""
-    policy_logps, lengths = sequence_logps(policy, batch)
+    policy_logps, lengths, log1m = sequence_logps(policy, batch)
     with torch.no_grad():
         ref_logps = reference_logps(batch, split)
     loss = config.loss
@@ -82,6 +82,8 @@ def batch_loss(
         loss.beta,
         loss.label_smoothing,
         loss.nll_alpha,
+        log1m,
+        loss.unlikelihood_alpha,
     )
     stats = {
         "loss": float(out.losses.detach().sum()),
