@@ -11,9 +11,10 @@ trl = pytest.importorskip("trl")
 
 from dpokit.data.collate import collate  # noqa: E402
 from dpokit.data.formats import Record  # noqa: E402
+from dpokit.data.pack import pack  # noqa: E402
 from dpokit.data.report import DataReport  # noqa: E402
 from dpokit.data.tokenize import tokenize_record  # noqa: E402
-from dpokit.logprobs import sequence_logps  # noqa: E402
+from dpokit.logprobs import packed_sequence_logps, sequence_logps  # noqa: E402
 from dpokit.losses import sigmoid_loss  # noqa: E402
 
 WORDS = "the a cat dog sat ran on mat rug fast slow why how is was good bad yes no maybe it".split()
@@ -95,6 +96,13 @@ def test_sigmoid_loss_and_logps_match_trl(tmp_path) -> None:
         reference_logps = sequence_logps(reference, batch).logps
     out = sigmoid_loss(policy_logps[:, 0], policy_logps[:, 1], reference_logps[:, 0], reference_logps[:, 1], beta=1.0)
 
+    # The packed prefix-shared layout agrees with TRL as well.
+    with torch.no_grad():
+        packed_logps = packed_sequence_logps(
+            trainer.model, pack(examples, range(len(examples)), tokenizer.pad_token_id)
+        ).logps
+    assert torch.allclose(packed_logps[:, 0], trl_policy_chosen.float(), atol=1e-5, rtol=0)
+    assert torch.allclose(packed_logps[:, 1], trl_policy_rejected.float(), atol=1e-5, rtol=0)
     assert torch.allclose(policy_logps[:, 0], trl_policy_chosen.float(), atol=1e-5, rtol=0)
     assert torch.allclose(policy_logps[:, 1], trl_policy_rejected.float(), atol=1e-5, rtol=0)
     assert out.losses.mean().item() == pytest.approx(trl_loss.item(), abs=1e-5)

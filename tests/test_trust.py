@@ -247,18 +247,18 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tiny_model, hh_file
 def test_non_finite_steps_are_skipped_then_stop(tiny_model, hh_file, tmp_path, monkeypatch) -> None:
     import dpokit.train as train_module
 
-    real = train_module.sequence_logps
+    real = train_module.batch_logps
     calls = {"n": 0}
 
-    def poisoned(model, batch):
-        out = real(model, batch)
+    def poisoned(model, batch, chunk):
+        out = real(model, batch, chunk)
         calls["n"] += 1
         # Two policy forwards per step (2 micro-batches): poison steps 2 and 4.
         if calls["n"] in (3, 7):
             out = out._replace(logps=out.logps * float("nan"))
         return out
 
-    monkeypatch.setattr(train_module, "sequence_logps", poisoned)
+    monkeypatch.setattr(train_module, "batch_logps", poisoned)
     out = tmp_path / "run"
     train(_config(tiny_model, hh_file, out, "train.max_steps=3", "train.max_nonfinite_steps=1"))
     rows = [m for m in _metrics(out) if "loss" in m]

@@ -57,6 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-n", "--examples", type=int, default=3)
     p.add_argument("--sft", action="store_true", help="preview SFT examples (one completion each)")
     p.add_argument("--plain", action="store_true", help="no colours")
+    p = sub.add_parser("demo", help="the paper's controlled-sentiment experiment (IMDb): reward/KL frontier of DPO")
+    p.add_argument("--quick", action="store_true", help="a smaller version (about 2 minutes on 2 cores)")
+    p.add_argument("--out", help="output folder (default runs/demo or runs/demo-quick); stages are cached there")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0 1; --quick: 0)")
+    p.add_argument("--imdb", help="movie_review.jsonl.gz (default: ../shared/data/imdb-text2vec)")
+    p.add_argument("--vader", help="movieReviewSnippets_GroundTruth.txt (default: ../shared/data/vader-movie-snippets)")
     p = sub.add_parser("validate", help="check a data file: every malformed row with file:line and field, and counts")
     p.add_argument("data", help="data file or save_to_disk folder")
     p.add_argument("--format", default="auto")
@@ -117,6 +123,18 @@ def _run(args: argparse.Namespace) -> int:
         )
         data = prepare_data(data_config, tokenizer, "sft" if args.sft else "pairs")
         print(render(tokenizer, data.train, data.train_report, args.examples, args.plain or not sys.stdout.isatty()))
+        return 0
+    if args.command == "demo":
+        from pathlib import Path
+
+        from dpokit.experiments import sentiment
+
+        out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
+        seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1)))
+        sentiment.run_demo(
+            out, args.quick, seeds, Path(args.imdb or sentiment.IMDB), Path(args.vader or sentiment.VADER)
+        )
+        print(f"wrote {out}/frontier.png, results.json, results.csv, report.md")
         return 0
     if args.command == "validate":
         return _validate(args)

@@ -24,6 +24,7 @@ Optimizer = Literal["adamw", "rmsprop"]
 Schedule = Literal["constant", "linear", "cosine"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 OnError = Literal["raise", "skip"]
+Layout = Literal["auto", "padded", "packed"]
 
 
 class ConfigError(ValueError):
@@ -154,6 +155,17 @@ class TrainConfig:
     """Steps with a non-finite loss or gradient that are skipped (with a warning) before the run stops."""
     eval_train: bool = False
     """At the end, also evaluate on every training example (reported as `train_eval/...`)."""
+    layout: Layout = "auto"
+    """padded: one padded row per completion (any model); packed: each prompt once, no pad tokens, the LM head only
+    at completion tokens, in chunks (models with a plain linear LM head); auto: packed for Llama-family models."""
+    pack_length: int = 0
+    """Row capacity of the packed layout in tokens (0: the longest example of the micro-batch)."""
+    logits_chunk: int = 1024
+    """Completion tokens per LM-head chunk in the packed layout (bounds the (tokens, vocab) logits in memory)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward (less memory, about a third more compute)."""
+    compile: bool = False
+    """torch.compile the decoder (dynamic shapes)."""
     deterministic: bool = False
     """Ask torch for deterministic kernels (slower on GPU)."""
 

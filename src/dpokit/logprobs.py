@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from dpokit.data.collate import Batch
+from dpokit.data.pack import PackedBatch
 
 
 def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
@@ -43,3 +45,64 @@ def sequence_logps(model: torch.nn.Module, batch: Batch) -> SequenceLogps:
     return SequenceLogps(
         (per_token * mask).sum(dim=1).view(shape), mask.sum(dim=1).view(shape), (log1m * mask).sum(dim=1).view(shape)
     )
+
+
+def _chunk_logps(hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    logits = (hidden @ weight.T).float()  # (n, V), one chunk at a time
+    logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logp, torch.log1p(-logp.exp().clamp(max=1.0 - 1e-6))
+
+
+def chunked_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """log π(target) and log(1 − π(target)) for hidden states (N, H) against the LM head `weight` (V, H), `chunk`
+    rows at a time. Each chunk is checkpointed, so its (chunk, V) logits are recomputed in backward instead of kept:
+    the full (N, V) logits never exist, in forward or backward."""
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    parts = [
+        torch.utils.checkpoint.checkpoint(
+            _chunk_logps, hidden[i : i + chunk], weight, targets[i : i + chunk], use_reentrant=False
+        )
+        if torch.is_grad_enabled()
+        else _chunk_logps(hidden[i : i + chunk], weight, targets[i : i + chunk])
+        for i in range(0, hidden.shape[0], chunk)
+    ]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _plain_head(model: torch.nn.Module) -> Tensor:
+    """The LM head's weight, when logits are exactly hidden @ weight.T (Llama, Mistral, Qwen, SmolLM, ...)."""
+    config = model.config  # type: ignore[union-attr]
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"{type(model).__name__} transforms its logits ({name}); use train.layout=padded")
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    if head is None or getattr(head, "bias", None) is not None:
+        raise NotImplementedError(f"{type(model).__name__} has no plain linear LM head; use train.layout=padded")
+    return head.weight
+
+
+def packed_sequence_logps(model: torch.nn.Module, batch: PackedBatch, chunk: int = 1024) -> SequenceLogps:
+    """The same three (B, K) sums as `sequence_logps`, from the packed prefix-shared layout, computing the LM head
+    only at completion positions and in chunks."""
+    decoder = model.get_decoder()  # type: ignore[operator]
+    hidden = decoder(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+    ).last_hidden_state  # (R, T, H)
+    scored = hidden.reshape(-1, hidden.shape[-1])[batch.predictor]  # (N, H)
+    per_token, log1m = chunked_token_logps(scored, _plain_head(model), batch.targets, chunk)
+    size = batch.num_examples * batch.num_completions
+    zeros = per_token.new_zeros(size)
+    logps = zeros.index_add(0, batch.segment, per_token)
+    lengths = zeros.index_add(0, batch.segment, torch.ones_like(per_token))
+    log1m_sums = zeros.index_add(0, batch.segment, log1m)
+    shape = (batch.num_examples, batch.num_completions)
+    return SequenceLogps(logps.view(shape), lengths.view(shape), log1m_sums.view(shape))
+
+
+def batch_logps(model: torch.nn.Module, batch: Batch | PackedBatch, chunk: int = 1024) -> SequenceLogps:
+    """Dispatch on the batch layout: padded (`collate`) or packed prefix-shared (`pack`)."""
+    if isinstance(batch, PackedBatch):
+        return packed_sequence_logps(model, batch, chunk)
+    return sequence_logps(model, batch)

@@ -7,7 +7,14 @@ from pathlib import Path
 from dpokit.config import RunConfig
 from dpokit.model import load_model
 from dpokit.reference import cache_parts, save_cache, score, tokenizer_digest, weights_digest
-from dpokit.runtime import autocast_for, batches_in_order, load_tokenizer_and_data, pick_device
+from dpokit.runtime import (
+    autocast_for,
+    batches_in_order,
+    collate_for,
+    load_tokenizer_and_data,
+    pick_device,
+    resolve_layout,
+)
 
 
 def precompute_reference(config: RunConfig) -> Path:
@@ -21,10 +28,11 @@ def precompute_reference(config: RunConfig) -> Path:
     model = load_model(path, gguf, config.model.attn_implementation)
     parts = cache_parts(weights_digest(model), tokenizer_digest(tokenizer), data.train, data.eval, config)
     model.to(device)
-    size, pad = config.train.micro_batch_size, tokenizer.pad_token_id
+    size, chunk = config.train.micro_batch_size, config.train.logits_chunk
+    make_batch = collate_for(resolve_layout(config, model), tokenizer.pad_token_id, config.train.pack_length)
     logps = {
-        "train": score(model, batches_in_order(data.train, size, pad), device, autocast),
-        "eval": score(model, batches_in_order(data.eval, size, pad), device, autocast),
+        "train": score(model, batches_in_order(data.train, size, make_batch), device, autocast, chunk),
+        "eval": score(model, batches_in_order(data.eval, size, make_batch), device, autocast, chunk),
     }
     save_cache(config.reference.cache, parts, logps, {"model": path, "data": config.data.train_path})
     return Path(config.reference.cache)

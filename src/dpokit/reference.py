@@ -23,11 +23,12 @@ from torch import Tensor
 
 from dpokit.config import RunConfig
 from dpokit.data.collate import Batch
+from dpokit.data.pack import PackedBatch
 from dpokit.data.tokenize import TokenizedExample
-from dpokit.logprobs import sequence_logps
+from dpokit.logprobs import batch_logps
 from dpokit.model import load_model
 
-ReferenceFn = Callable[[Batch, str], Tensor]
+ReferenceFn = Callable[[Batch | PackedBatch, str], Tensor]
 
 
 class ReferenceMismatch(ValueError):
@@ -77,13 +78,15 @@ def cache_parts(
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, batches: Sequence[Batch], device: torch.device, autocast: Any) -> Tensor:
+def score(
+    model: torch.nn.Module, batches: Sequence[Batch | PackedBatch], device: torch.device, autocast: Any, chunk: int
+) -> Tensor:
     """(N, K) log-probs of every example, in data order."""
     model.eval()
     out = []
     for batch in batches:
         with autocast():
-            logps = sequence_logps(model, batch.to(device)).logps
+            logps = batch_logps(model, batch.to(device), chunk).logps
         out.append(logps.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 2)
 
@@ -143,7 +146,7 @@ def make_reference(
     reference.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def reference_logps(batch: Batch, split: str) -> Tensor:
-        return sequence_logps(reference, batch).logps
+    def reference_logps(batch: Batch | PackedBatch, split: str) -> Tensor:
+        return batch_logps(reference, batch, config.train.logits_chunk).logps
 
     return reference_logps, reference

@@ -12,6 +12,7 @@ import torch
 from dpokit.config import RunConfig
 from dpokit.data.collate import Batch, collate
 from dpokit.data.formats import Use
+from dpokit.data.pack import PackedBatch, pack
 from dpokit.data.prepare import PreparedData, prepare_data
 from dpokit.data.tokenize import TokenizedExample
 from dpokit.losses import LOSSES
@@ -52,9 +53,27 @@ def load_tokenizer_and_data(config: RunConfig) -> tuple[Any, PreparedData]:
     return tokenizer, prepare_data(config.data, tokenizer, data_use(config))
 
 
-def batches_in_order(examples: Sequence[TokenizedExample], size: int, pad_id: int) -> list[Batch]:
+AnyBatch = Batch | PackedBatch
+Collate = Callable[[Sequence[TokenizedExample], Sequence[int]], AnyBatch]
+PACKED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+"""Model types whose packed layout (custom 4D mask, plain LM head) the tests check against the padded path."""
+
+
+def resolve_layout(config: RunConfig, model: Any) -> str:
+    if config.train.layout != "auto":
+        return config.train.layout
+    return "packed" if getattr(model.config, "model_type", None) in PACKED_MODEL_TYPES else "padded"
+
+
+def collate_for(layout: str, pad_id: int, pack_length: int) -> Collate:
+    if layout == "packed":
+        return lambda examples, indices: pack(examples, indices, pad_id, pack_length)
+    return lambda examples, indices: collate(examples, indices, pad_id)
+
+
+def batches_in_order(examples: Sequence[TokenizedExample], size: int, make_batch: Collate) -> list[AnyBatch]:
     """Batches over the examples in data order (evaluation, precomputation)."""
     return [
-        collate(examples[i : i + size], range(i, min(i + size, len(examples))), pad_id)
+        make_batch(examples[i : i + size], range(i, min(i + size, len(examples))))
         for i in range(0, len(examples), size)
     ]

@@ -23,12 +23,20 @@ from tqdm.auto import tqdm
 from dpokit import distributed
 from dpokit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_model
 from dpokit.config import RunConfig, save_config, to_dict
-from dpokit.data.collate import Batch, collate
-from dpokit.logprobs import sequence_logps
+from dpokit.logprobs import batch_logps
 from dpokit.losses import LOSSES, compute_loss
 from dpokit.model import load_model
 from dpokit.reference import ReferenceFn, cache_parts, check_cache, make_reference, tokenizer_digest, weights_digest
-from dpokit.runtime import autocast_for, batches_in_order, load_tokenizer_and_data, pick_device, seed_everything
+from dpokit.runtime import (
+    AnyBatch,
+    autocast_for,
+    batches_in_order,
+    collate_for,
+    load_tokenizer_and_data,
+    pick_device,
+    resolve_layout,
+    seed_everything,
+)
 
 
 def make_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -67,10 +75,10 @@ def step_examples(n: int, step: int, batch_size: int, seed: int) -> list[int]:
 
 
 def batch_loss(
-    config: RunConfig, policy: torch.nn.Module, reference_logps: ReferenceFn, batch: Batch, split: str
+    config: RunConfig, policy: torch.nn.Module, reference_logps: ReferenceFn, batch: AnyBatch, split: str
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed loss over the batch's examples and summed statistics (divide by the counts to average)."""
-    policy_logps, lengths, log1m = sequence_logps(policy, batch)
+    policy_logps, lengths, log1m = batch_logps(policy, batch, config.train.logits_chunk)
     with torch.no_grad():
         ref_logps = reference_logps(batch, split)
     loss = config.loss
@@ -128,7 +136,7 @@ def evaluate(
     config: RunConfig,
     policy: torch.nn.Module,
     reference_logps: ReferenceFn,
-    batches: Sequence[Batch],
+    batches: Sequence[AnyBatch],
     device: torch.device,
     autocast: Any,
     split: str = "eval",
@@ -242,6 +250,10 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         return parts(weights_digest(reference))
 
     reference_logps, _ = make_reference(config, policy, reference_parts, device)
+    if t.activation_checkpointing:  # after the reference copy, which never runs backward
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.compile:
+        policy.get_decoder().compile(dynamic=True)
     optimizer = make_optimizer(config, policy)
     scheduler = make_scheduler(config, optimizer, total_steps)
     checkpoints = out / "checkpoints"
@@ -249,8 +261,8 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     if resume and (last := latest_checkpoint(checkpoints)) is not None:
         start_step = load_training_state(last, policy, optimizer, scheduler)
         print(f"[resume] from {last} at step {start_step}")
-    pad_id = tokenizer.pad_token_id
-    eval_batches = batches_in_order(data.eval, t.micro_batch_size, pad_id)
+    make_batch = collate_for(resolve_layout(config, policy), tokenizer.pad_token_id, t.pack_length)
+    eval_batches = batches_in_order(data.eval, t.micro_batch_size, make_batch)
     per_token = LOSSES[config.loss.name].per_token
     log = MetricsLog(out, start_step)
     train_metrics: dict[str, float] = {}
@@ -270,9 +282,9 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
             started = time.perf_counter()
             indices = distributed.shard(step_examples(len(data.train), step, t.batch_size, t.seed))
             micro = [indices[i : i + t.micro_batch_size] for i in range(0, len(indices), t.micro_batch_size)]
-            batches = [collate([data.train[j] for j in m], m, pad_id).to(device) for m in micro]
+            batches = [make_batch([data.train[j] for j in m], m).to(device) for m in micro]
             # The whole step's normaliser, so that accumulation equals one large batch.
-            local = float(sum(int(b.completion_mask[:, 1:].sum()) for b in batches) if per_token else len(indices))
+            local = float(sum(b.num_completion_tokens for b in batches) if per_token else len(indices))
             normalizer = (
                 distributed.all_reduce_sum(torch.tensor(local, device=device)).item() / distributed.world_size()
             )
@@ -304,11 +316,12 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
                     )
 
             train_metrics = averaged(sums, per_token)
-            tokens = train_metrics.pop("tokens")
+            tokens, elapsed = train_metrics.pop("tokens"), time.perf_counter() - started
             train_metrics |= {
                 "lr": float(scheduler.get_last_lr()[0]),
                 "grad_norm": float(grad_norm),
-                "tokens_per_second": tokens / (time.perf_counter() - started),
+                "tokens_per_second": tokens / elapsed,
+                "step_seconds": elapsed,
                 "skipped_steps": skipped_steps,
             }
             if t.log_every and (done % t.log_every == 0 or done == total_steps):
@@ -332,7 +345,7 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         log.write(total_steps, eval_metrics)
     train_eval_metrics = {}
     if t.eval_train:
-        train_batches = batches_in_order(data.train, t.micro_batch_size, pad_id)
+        train_batches = batches_in_order(data.train, t.micro_batch_size, make_batch)
         train_eval_metrics = evaluate(config, policy, reference_logps, train_batches, device, autocast, "train")
         log.write(total_steps, {k.replace("train/", "train_eval/"): v for k, v in train_eval_metrics.items()})
     log.close()

@@ -28,6 +28,10 @@ class Batch:
         return int(self.indices.shape[0])
 
     @property
+    def num_completion_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 

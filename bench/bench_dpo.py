@@ -1,0 +1,321 @@
+"""dpokit against TRL's DPOTrainer on the same DPO workload, in one invocation.
+
+    python bench/bench_dpo.py --preset cpu              # 2 CPU cores: small Llama, lengths 32-128
+    python bench/bench_dpo.py --preset llama1b          # one GPU: Llama-3.2-1B shapes, lengths 64-512
+
+The workload: a randomly initialised Llama-style model (no downloads) and a word-level tokenizer in which the text
+"w17 w4 ..." tokenizes to exactly [17, 4, ...]; prompt, chosen and rejected lengths independently uniform in
+[lo, hi]; the same pairs in the same order for every system. Tokens per pair are counted as 2·prompt + chosen +
+rejected (what an implementation without padding or prefix sharing processes), so the systems are comparable.
+Each system runs in its own process (peak memory is per process) for `warmup + steps` optimizer steps; the
+timings are of the last `steps`. Prints a table and writes bench/results/<preset>.json with the exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PRESETS = {
+    "cpu": {
+        "vocab": 8192,
+        "hidden": 256,
+        "intermediate": 1024,
+        "layers": 4,
+        "heads": 8,
+        "kv_heads": 8,
+        "lo": 32,
+        "hi": 128,
+        "pairs": 8,
+        "steps": 6,
+        "warmup": 2,
+        "device": "cpu",
+    },
+    "llama1b": {
+        "vocab": 128256,
+        "hidden": 2048,
+        "intermediate": 8192,
+        "layers": 16,
+        "heads": 32,
+        "kv_heads": 8,
+        "lo": 64,
+        "hi": 512,
+        "pairs": 16,
+        "steps": 20,
+        "warmup": 5,
+        "device": "cuda",
+    },
+}
+SYSTEMS = ["dpokit", "dpokit-precomputed", "dpokit-padded", "trl", "trl-precomputed"]
+H200_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s, NVIDIA's H200 datasheet
+
+
+def make_workload(folder: Path, p: dict, n_pairs: int, seed: int) -> tuple[Path, Path]:
+    """A word-level tokenizer + random Llama in `folder/model`, and `n_pairs` pairs in `folder/pairs.jsonl`."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, p["vocab"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    config = LlamaConfig(
+        vocab_size=p["vocab"],
+        hidden_size=p["hidden"],
+        intermediate_size=p["intermediate"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"],
+        max_position_embeddings=4 * p["hi"],
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder / "model", safe_serialization=True)
+    tokenizer.save_pretrained(folder / "model")
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:
+        return " ".join(f"w{rng.randrange(3, p['vocab'])}" for _ in range(n))
+
+    rows = [
+        {
+            "prompt": text(rng.randint(p["lo"], p["hi"])),
+            "chosen": " " + text(rng.randint(p["lo"], p["hi"] - 1)),
+            "rejected": " " + text(rng.randint(p["lo"], p["hi"] - 1)),
+        }
+        for _ in range(n_pairs)
+    ]
+    data = folder / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "model", data
+
+
+def counted_tokens(rows: list[dict], p: dict) -> list[int]:
+    """2·prompt + chosen + rejected per pair (chosen and rejected get their EOS)."""
+    return [2 * len(r["prompt"].split()) + len(r["chosen"].split()) + len(r["rejected"].split()) + 2 for r in rows]
+
+
+def run_dpokit(folder: Path, p: dict, system: str) -> dict:
+    import torch
+
+    from dpokit.config import from_dict
+    from dpokit.train import train
+
+    model, data = folder / "model", folder / "pairs.jsonl"
+    total = p["warmup"] + p["steps"]
+    raw = {
+        "model": {"path": str(model)},
+        "data": {"train_path": str(data), "max_length": 4 * p["hi"], "max_prompt_length": 2 * p["hi"]},
+        "loss": {"name": "sigmoid", "beta": 0.1},
+        "train": {
+            "output_dir": str(folder / system),
+            "batch_size": p["pairs"],
+            "micro_batch_size": p["pairs"],
+            "max_steps": total,
+            "lr": 1e-5,
+            "optimizer": "adamw",
+            "device": p["device"],
+            "layout": "padded" if system == "dpokit-padded" else "packed",
+            "max_grad_norm": 1.0,
+        },
+    }
+    if system == "dpokit-precomputed":
+        from dpokit.precompute import precompute_reference
+
+        raw["reference"] = {"mode": "precomputed", "cache": str(folder / "ref.safetensors")}
+        precompute_reference(from_dict(raw))
+    if p["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train(from_dict(raw))
+    rows = [json.loads(line) for line in (folder / system / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r and "step_seconds" in r]
+    return {"step_seconds": [r["step_seconds"] for r in steps], "first_loss": steps[0]["loss"]}
+
+
+def run_trl(folder: Path, p: dict, system: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+    cuda = p["device"] == "cuda"
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder / "model", attn_implementation="sdpa", dtype=torch.float32)
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            if cuda:
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    args = DPOConfig(
+        output_dir=str(folder / system),
+        per_device_train_batch_size=p["pairs"],
+        max_steps=p["warmup"] + p["steps"],
+        learning_rate=1e-5,
+        beta=0.1,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        bf16=cuda,
+        use_cpu=not cuda,
+        gradient_checkpointing=False,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        max_length=None,
+        precompute_ref_log_probs=system == "trl-precomputed",
+        dataloader_drop_last=True,
+        seed=0,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+    )
+    # TRL shuffles with its own sampler; both see the same set of pairs and the same length distribution.
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[Timer()]
+    )
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"step_seconds": times, "first_loss": losses[0]}
+
+
+def worker(args: argparse.Namespace) -> None:
+    p = PRESETS[args.preset] | json.loads(args.overrides)
+    folder = Path(args.folder)
+    result = (run_trl if args.worker.startswith("trl") else run_dpokit)(folder, p, args.worker)
+    if p["device"] == "cuda":
+        import torch
+
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        result["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (RSS)
+    Path(args.result).write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument("--overrides", default="{}", help='JSON to change preset fields, e.g. {"steps": 3}')
+    parser.add_argument("--out", help="result file (default bench/results/<preset>.json)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    p = PRESETS[args.preset] | json.loads(args.overrides)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        n_pairs = p["pairs"] * (p["warmup"] + p["steps"])
+        make_workload(folder, p, n_pairs, seed=0)
+        rows = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+        tokens_per_step = sum(counted_tokens(rows, p)) / (p["warmup"] + p["steps"])
+        n_params = _params(p)
+        for system in args.systems:
+            out = folder / f"{system}.json"
+            cmd = [
+                sys.executable,
+                __file__,
+                "--preset",
+                args.preset,
+                "--overrides",
+                args.overrides,
+                "--worker",
+                system,
+                "--folder",
+                str(folder),
+                "--result",
+                str(out),
+            ]
+            print(f"[bench] {system} ...", flush=True)
+            started = time.perf_counter()
+            run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            if run.returncode:
+                print(run.stdout[-2000:], run.stderr[-4000:])
+                results[system] = {"error": run.stderr[-1000:]}
+                continue
+            r = json.loads(out.read_text())
+            timed = r["step_seconds"][p["warmup"] :]
+            step = sum(timed) / len(timed)
+            flops = (6 + (0 if "precomputed" in system else 2)) * n_params * tokens_per_step
+            r |= {
+                "mean_step_seconds": step,
+                "tokens_per_second": tokens_per_step / step,
+                "mfu": flops / step / H200_BF16_PEAK if p["device"] == "cuda" else None,
+                "wall_seconds": time.perf_counter() - started,
+            }
+            results[system] = r
+    _report(results, p, command, tokens_per_step, n_params, args)
+
+
+def _params(p: dict) -> int:
+    h, i, v, L = p["hidden"], p["intermediate"], p["vocab"], p["layers"]
+    kv = h // p["heads"] * p["kv_heads"]
+    return L * (2 * h * h + 2 * h * kv + 3 * h * i) + 2 * v * h
+
+
+def _report(
+    results: dict, p: dict, command: str, tokens_per_step: float, n_params: int, args: argparse.Namespace
+) -> None:
+    base = results.get("trl", {})
+    lines = [
+        f"{'system':<20} {'step s':>8} {'tokens/s':>10} {'peak GiB':>9} {'MFU':>6} {'1st loss':>9} "
+        f"{'x TRL tok/s':>11} {'x TRL mem':>9}"
+    ]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"{name:<20} failed: {r['error'][-200:]}")
+            continue
+        speed = r["tokens_per_second"] / base["tokens_per_second"] if "tokens_per_second" in base else float("nan")
+        memory = r["peak_memory_gib"] / base["peak_memory_gib"] if "peak_memory_gib" in base else float("nan")
+        mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
+        lines.append(
+            f"{name:<20} {r['mean_step_seconds']:>8.3f} {r['tokens_per_second']:>10.0f} "
+            f"{r['peak_memory_gib']:>9.2f} {mfu:>6} {r['first_loss']:>9.4f} {speed:>11.2f} {memory:>9.2f}"
+        )
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out or Path(__file__).parent / "results" / f"{args.preset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "command": command,
+                "preset": p,
+                "tokens_per_step_counted": tokens_per_step,
+                "parameters": n_params,
+                "results": results,
+                "table": table,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: reward/KL frontier, plots."""
