@@ -51,3 +51,21 @@ def hh_file(tmp_path: Path) -> Path:
     rows = hh_rows(48)
     rows.append({"chosen": rows[1]["chosen"], "rejected": rows[1]["chosen"]})
     return write_jsonl(tmp_path / "hh.jsonl", rows)
+
+
+def tiny_run(model: Path, data: Path, out: Path) -> list[str]:
+    """The overrides every training test starts from: the tiny model, short sequences, 8 pairs a step."""
+    return [
+        f"model.path={model}",
+        f"data.train_path={data}",
+        "data.max_length=64",
+        "data.max_prompt_length=32",
+        f"train.output_dir={out}",
+        "train.batch_size=8",
+        "train.lr=1e-2",
+        "loss.beta=0.5",
+    ]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -11,30 +11,16 @@ from safetensors.torch import load_file
 from dpokit.config import load_config
 from dpokit.reference import ReferenceMismatch
 from dpokit.train import train
-from tests.conftest import write_jsonl
+from tests.conftest import read_metrics, tiny_run, write_jsonl
 
 
 def _config(tiny_model: Path, data: Path, out: Path, *extra: str):
     return load_config(
-        None,
-        [
-            f"model.path={tiny_model}",
-            f"data.train_path={data}",
-            "data.max_length=64",
-            "data.max_prompt_length=32",
-            f"train.output_dir={out}",
-            "train.batch_size=8",
-            "train.micro_batch_size=8",
-            "train.lr=1e-2",
-            "train.max_grad_norm=null",
-            "loss.beta=0.5",
-            *extra,
-        ],
+        None, [*tiny_run(tiny_model, data, out), "train.micro_batch_size=8", "train.max_grad_norm=null", *extra]
     )
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+_metrics = read_metrics
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:

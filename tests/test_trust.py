@@ -23,6 +23,7 @@ from dpokit.data.formats import load_records
 from dpokit.data.report import DataError
 from dpokit.reference import ReferenceMismatch
 from dpokit.train import NonFiniteError, train
+from tests.conftest import read_metrics, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,27 +116,14 @@ def test_any_bytes_give_records_or_a_located_error(tmp_path: Path, content: byte
     assert report.records == len(records)
 
 
+TRUST_RUN = ["train.micro_batch_size=4", "train.deterministic=true"]
+
+
 def _config(tiny_model: Path, data: Path, out: Path, *extra: str):
-    return load_config(
-        None,
-        [
-            f"model.path={tiny_model}",
-            f"data.train_path={data}",
-            "data.max_length=64",
-            "data.max_prompt_length=32",
-            f"train.output_dir={out}",
-            "train.batch_size=8",
-            "train.micro_batch_size=4",
-            "train.lr=1e-2",
-            "loss.beta=0.5",
-            "train.deterministic=true",
-            *extra,
-        ],
-    )
+    return load_config(None, [*tiny_run(tiny_model, data, out), *TRUST_RUN, *extra])
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+_metrics = read_metrics
 
 
 def _losses(out: Path) -> list[tuple[int, float]]:
@@ -151,23 +139,7 @@ def test_same_seed_same_run(tiny_model: Path, hh_file: Path, tmp_path: Path) -> 
 
 
 def _cli(tiny_model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "dpokit",
-        "dpo",
-        f"model.path={tiny_model}",
-        f"data.train_path={data}",
-        "data.max_length=64",
-        "data.max_prompt_length=32",
-        f"train.output_dir={out}",
-        "train.batch_size=8",
-        "train.micro_batch_size=4",
-        "train.lr=1e-2",
-        "loss.beta=0.5",
-        "train.deterministic=true",
-        *extra,
-    ]
+    return [sys.executable, "-m", "dpokit", "dpo", *tiny_run(tiny_model, data, out), *TRUST_RUN, *extra]
 
 
 def _wait_for_rows(out: Path, rows: int, process: subprocess.Popen, limit: float = 120) -> None:

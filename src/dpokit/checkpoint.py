@@ -19,16 +19,21 @@ from dpokit.config import RunConfig, save_config
 STATE_FILE = "trainer_state.pt"
 
 
-def save_model(model: Any, tokenizer: Any, out: Path, config: RunConfig | None = None) -> None:
-    """Write a folder that `AutoModelForCausalLM.from_pretrained` loads, atomically."""
-    if not distributed.is_main():
-        return
+def _write_model(model: Any, tokenizer: Any, out: Path, config: RunConfig) -> Path:
+    """Model, tokenizer and config into `<out>.tmp`; the caller renames it into place once complete."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if config is not None:
-        save_config(config, tmp / "dpokit_config.yaml")
+    save_config(config, tmp / "dpokit_config.yaml")
+    return tmp
+
+
+def save_model(model: Any, tokenizer: Any, out: Path, config: RunConfig) -> None:
+    """Write a folder that `AutoModelForCausalLM.from_pretrained` loads, atomically."""
+    if not distributed.is_main():
+        return
+    tmp = _write_model(model, tokenizer, out, config)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -40,11 +45,7 @@ def save_checkpoint(
     """A resumable checkpoint at `out` (e.g. runs/x/checkpoints/step-100)."""
     if not distributed.is_main():
         return
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    save_config(config, tmp / "dpokit_config.yaml")
+    tmp = _write_model(model, tokenizer, out, config)
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),

@@ -24,8 +24,17 @@ class LossOutput(NamedTuple):
     """(B, K) detached implicit rewards β·(log π_θ − log π_ref), column 0 preferred."""
 
 
-def _rewards(policy_logps: Tensor, reference_logps: Tensor, beta: float) -> Tensor:
-    return (beta * (policy_logps - reference_logps)).detach()
+def _pair_rewards(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    beta: float,
+) -> Tensor:
+    """(B, 2) detached implicit rewards β·(log π_θ − log π_ref) of chosen and rejected."""
+    policy = torch.stack([policy_chosen_logps, policy_rejected_logps], dim=1)
+    reference = torch.stack([reference_chosen_logps, reference_rejected_logps], dim=1)
+    return (beta * (policy - reference)).detach()
 
 
 def sigmoid_loss(
@@ -49,12 +58,8 @@ def sigmoid_loss(
         (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
     )
     losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    rewards = torch.stack(
-        [
-            _rewards(policy_chosen_logps, reference_chosen_logps, beta),
-            _rewards(policy_rejected_logps, reference_rejected_logps, beta),
-        ],
-        dim=1,
+    rewards = _pair_rewards(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta
     )
     return LossOutput(losses, rewards)
 
@@ -81,12 +86,8 @@ def ipo_loss(
     chosen_ratio = (policy_chosen_logps - reference_chosen_logps) / chosen_lengths.clamp(min=1)
     rejected_ratio = (policy_rejected_logps - reference_rejected_logps) / rejected_lengths.clamp(min=1)
     losses = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
-    rewards = torch.stack(
-        [
-            _rewards(policy_chosen_logps, reference_chosen_logps, beta),
-            _rewards(policy_rejected_logps, reference_rejected_logps, beta),
-        ],
-        dim=1,
+    rewards = _pair_rewards(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta
     )
     return LossOutput(losses, rewards)
 
@@ -104,12 +105,8 @@ def hinge_loss(
         (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
     )
     losses = torch.relu(1.0 - logits)
-    rewards = torch.stack(
-        [
-            _rewards(policy_chosen_logps, reference_chosen_logps, beta),
-            _rewards(policy_rejected_logps, reference_rejected_logps, beta),
-        ],
-        dim=1,
+    rewards = _pair_rewards(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta
     )
     return LossOutput(losses, rewards)
 
@@ -225,5 +222,5 @@ def compute_loss(
         if policy_log1m is None:
             raise ValueError("the unlikelihood loss needs policy_log1m")
         losses = unlikelihood_loss(pc, policy_log1m[:, 1], lc, lr, unlikelihood_alpha)
-        return LossOutput(losses, sigmoid_loss(pc, pr, rc, rr, beta).rewards)
+        return LossOutput(losses, _pair_rewards(pc, pr, rc, rr, beta))
     raise ValueError(f"unknown loss '{name}'; known: {', '.join(LOSSES)}")

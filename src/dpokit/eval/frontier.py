@@ -53,16 +53,30 @@ def evaluate_policy(
     ]
     pad = tokenizer.pad_token_id
     kl = completion_logps(policy, flat_prompts, flat, pad) - completion_logps(reference, flat_prompts, flat, pad)
-    return {"reward": float(reward(texts).mean()), "kl": float(kl.mean()), "samples": len(flat)}
+    rewards = torch.as_tensor(reward(texts), dtype=torch.float64)
+    return {
+        "reward": float(rewards.mean()),
+        "reward_se": float(rewards.std() / math.sqrt(len(flat))),
+        "kl": float(kl.mean()),
+        "samples": len(flat),
+    }
 
 
 def best_of_n(rewards: torch.Tensor, sizes: Sequence[int]) -> list[dict[str, Any]]:
     """Best-of-N from (prompts, N_max) rewards of reference samples: the mean best reward among the first N, with
     the analytic KL of the best-of-N policy, log N − (N − 1)/N (Stiennon et al. 2020; Beirami et al. 2024)."""
-    return [
-        {"setting": f"N={n}", "reward": float(rewards[:, :n].max(dim=1).values.mean()), "kl": math.log(n) - (n - 1) / n}
-        for n in sizes
-    ]
+    points = []
+    for n in sizes:
+        best = rewards[:, :n].max(dim=1).values.double()
+        points.append(
+            {
+                "setting": f"N={n}",
+                "reward": float(best.mean()),
+                "reward_se": float(best.std() / math.sqrt(len(best))),
+                "kl": math.log(n) - (n - 1) / n,
+            }
+        )
+    return points
 
 
 METHOD_STYLE = {
@@ -97,6 +111,7 @@ def dominance(
             continue
         within = [reward for kl, reward in dpo if kl <= max(r["kl"], 0.0) + 1e-9]
         best = max(within) if within else None
+        se = r.get("reward_se", 0.0)
         verdicts.append(
             {
                 "method": r["method"],
@@ -107,6 +122,7 @@ def dominance(
                 "reward": r["reward"],
                 "dpo_best": best,
                 "dominated": None if best is None else best >= r["reward"],
+                "within_noise": None if best is None else best >= r["reward"] - 2 * se,
             }
         )
     return verdicts

@@ -390,7 +390,7 @@ class Demo:
 
     def write_outputs(self, results: list[dict], facts: dict[str, Any], seconds: float) -> None:
         (self.out / "results.json").write_text(json.dumps(results, indent=2))
-        fields = ["method", "setting", "step", "seed", "reward", "kl", "samples"]
+        fields = ["method", "setting", "step", "seed", "reward", "reward_se", "kl", "samples"]
         with (self.out / "results.csv").open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
@@ -440,15 +440,18 @@ def report(results: list[dict], facts: dict[str, Any], seconds: float) -> str:
             f"- seed {seed}: π_SFT reward {sft:.3f}; {dpo_text}; best reward per method: "
             + ", ".join(f"{m} {v:.3f}" for m, v in best.items())
         )
+    noisy = [v for v in beaten if v["within_noise"]]
     lines.append(
         f"- Frontier check: at the KL of each of the {len(verdicts)} Preferred-FT, Unlikelihood and SFT points, DPO's "
         f"best reward at that KL or less is at least the baseline's for {len(checked) - len(beaten)} of "
-        f"{len(checked)} points ({len(verdicts) - len(checked)} lie below every DPO point's KL: not comparable)."
+        f"{len(checked)} points ({len(verdicts) - len(checked)} lie below every DPO point's KL: not comparable); "
+        f"{len(noisy)} of the other {len(beaten)} are within two standard errors of the baseline's mean reward."
     )
     for v in beaten:
         lines.append(
             f"  - not dominated: {v['method']} {v['setting']} seed {v['seed']} step {v['step']}: reward "
-            f"{v['reward']:.3f} at KL {v['kl']:.2f}, DPO best {v['dpo_best']:.3f}"
+            f"{v['reward']:.3f} at KL {v['kl']:.2f}, DPO best {v['dpo_best']:.3f} (gap "
+            f"{v['reward'] - v['dpo_best']:.3f}{', within noise' if v['within_noise'] else ''})"
         )
     return "\n".join(lines) + "\n"
 
