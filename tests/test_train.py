@@ -236,3 +236,11 @@ def test_activation_checkpointing_gives_the_same_step(tiny_model: Path, hh_file:
     assert [m["loss"] for m in _metrics(tmp_path / "plain")] == pytest.approx(
         [m["loss"] for m in _metrics(tmp_path / "ckpt")]
     )
+
+
+@pytest.mark.slow
+def test_compiled_decoder_gives_the_same_losses(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        train(_config(tiny_model, hh_file, tmp_path / name, "train.max_steps=3", f"train.compile={flag}"))
+    eager, compiled = ([m["loss"] for m in _metrics(tmp_path / n)] for n in ("eager", "compiled"))
+    assert compiled == pytest.approx(eager, rel=1e-4)
