@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--max-rows", type=int, default=20000, help="rows of text used to train the tokenizer")
+    p.add_argument("--text-field", default="text", help="field of plain-text rows (e.g. review)")
     p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
@@ -139,24 +140,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
         return _validate(args)
     if args.command == "init-model":
-        import itertools
-
-        from dpokit.data.formats import detect_format, iter_rows, record_texts, row_to_records
-        from dpokit.data.report import DataReport
+        from dpokit.data.formats import load_records, record_texts, sniff_format
         from dpokit.model import init_model
 
-        def texts():
-            fmt, report = None, DataReport()
-            for where, row in itertools.islice(iter_rows(args.data), args.max_rows):
-                if isinstance(row, DataError):
-                    continue
-                fmt = fmt or detect_format(row, where)
-                for record in row_to_records(
-                    row, fmt, "sft" if fmt in ("text", "completion") else "pairs", where, report
-                ):
-                    yield from record_texts(record)
-
-        out = init_model(texts(), args.out, args.vocab_size, args.hidden_size, args.layers, args.heads, seed=args.seed)
+        fmt = sniff_format(args.data, args.text_field)
+        use = "sft" if fmt in ("text", "completion") else "pairs"
+        records, _ = load_records(args.data, fmt, use, "skip", text_field=args.text_field)
+        texts = (text for record in records[: args.max_rows] for text in record_texts(record))
+        out = init_model(texts, args.out, args.vocab_size, args.hidden_size, args.layers, args.heads, seed=args.seed)
         print(f"wrote {out}")
         return 0
     raise AssertionError(args.command)

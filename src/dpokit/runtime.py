@@ -38,8 +38,8 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    # Set every run, both ways: the flag is process-wide and must not leak from one run into the next.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def data_use(config: RunConfig) -> Use:

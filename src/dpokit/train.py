@@ -221,14 +221,13 @@ def stop_requests() -> Iterator[dict[str, int]]:
 def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Run SFT or preference optimisation as the config says; return the summary (also in summary.json)."""
     t = config.train
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
     device = pick_device(t.device)
     autocast = autocast_for(t.precision, device)
     seed_everything(t.seed, t.deterministic)
-
-    tokenizer, data = load_tokenizer_and_data(config)
+    tokenizer, data = load_tokenizer_and_data(config)  # bad paths and bad data fail here, before anything is written
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
     for line in data.train_report.lines():
         print(f"[data] {line}")
     if len(data.train) < t.batch_size:

@@ -105,6 +105,14 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
                     yield where, DataError(f"{where}: invalid JSON: nested too deeply", "invalid_json")
 
 
+def sniff_format(path: str | Path, text_field: str = "text") -> str:
+    """The format of the first well-formed row of a file."""
+    for where, row in iter_rows(path):
+        if not isinstance(row, DataError):
+            return detect_format(row, where, text_field)
+    raise DataError(f"{path}: no readable row", "empty_file")
+
+
 def detect_format(row: Any, where: str, text_field: str = "text") -> str:
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "not_an_object")
