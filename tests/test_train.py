@@ -51,6 +51,7 @@ def test_dpo_starts_at_ln2_learns_and_writes_everything(tiny_model: Path, hh_fil
     assert summary["eval"]["eval/loss"] > 0
     saved = json.loads((out / "summary.json").read_text())
     assert saved["steps"] == 12 and (out / "config.yaml").exists()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is a dev dependency
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
