@@ -140,11 +140,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
         return _validate(args)
     if args.command == "init-model":
-        from dpokit.data.formats import load_records, record_texts, sniff_format
+        from dpokit.data.formats import Use, load_records, record_texts, sniff_format
         from dpokit.model import init_model
 
         fmt = sniff_format(args.data, args.text_field)
-        use = "sft" if fmt in ("text", "completion") else "pairs"
+        use: Use = "sft" if fmt in ("text", "completion") else "pairs"
         records, _ = load_records(args.data, fmt, use, "skip", text_field=args.text_field)
         texts = (text for record in records[: args.max_rows] for text in record_texts(record))
         out = init_model(texts, args.out, args.vocab_size, args.hidden_size, args.layers, args.heads, seed=args.seed)
