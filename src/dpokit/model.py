@@ -101,11 +101,13 @@ def init_model(
     num_heads: int = 4,
     max_positions: int = 2048,
     seed: int = 0,
+    tokenizer: Any = None,
 ) -> Path:
-    """Write a random Llama-style model and a BPE tokenizer trained on `texts` to `out_dir` (HF format)."""
+    """Write a random Llama-style model and a BPE tokenizer trained on `texts` (or the `tokenizer` given) to
+    `out_dir` (HF format)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = train_tokenizer(texts, vocab_size)
+    tokenizer = tokenizer if tokenizer is not None else train_tokenizer(texts, vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

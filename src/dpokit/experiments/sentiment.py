@@ -145,9 +145,10 @@ class Demo:
 
         def build() -> None:
             texts = [r["text"] for r in self.train_reviews]
-            init_model(texts, self.out / "init", s.vocab_size, s.hidden_size, s.layers, s.heads, seed=0)
-            # The tokenizer of stage 1 replaces the one init_model trained (same data, same vocabulary size).
-            load_tokenizer(str(self.out / "tokenizer")).save_pretrained(self.out / "init")
+            tokenizer = load_tokenizer(str(self.out / "tokenizer"))
+            init_model(
+                texts, self.out / "init", s.vocab_size, s.hidden_size, s.layers, s.heads, seed=0, tokenizer=tokenizer
+            )
             data = self.out / "data"
             data.mkdir(exist_ok=True)
             _write_jsonl(data / "lm_train.jsonl", [{"text": t} for t in texts])
@@ -207,7 +208,7 @@ class Demo:
             prompts = self.prompts(self.heldout_reviews[: s.train_prompts], seed=1)
             samples = sample(self.sft_model, prompts, 4, s.new_tokens, self.tokenizer.eos_token_id, seed=2)
             texts = [[self.decode(p, c) for c in group] for p, group in zip(prompts, samples, strict=True)]
-            rewards = [self.reward([t for t in group]) for group in texts]
+            rewards = [self.reward(group) for group in texts]
             rows, ties = [], 0
             for prompt, group, r in zip(prompts, samples, rewards, strict=True):
                 prompt_text = self.tokenizer.decode(prompt, skip_special_tokens=True)
@@ -350,7 +351,6 @@ class Demo:
     # --- the whole demo -----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.build_tokenizer()
         self.build_sft()
         self.build_reward()
