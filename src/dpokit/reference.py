@@ -106,8 +106,8 @@ PART_NAMES = {
 }
 
 
-def check_cache(path: str | Path, parts: dict[str, str]) -> dict[str, str]:
-    """Compare a cache's digests with this run's; raise naming every part that differs. Returns its metadata."""
+def check_cache(path: str | Path, parts: dict[str, str]) -> None:
+    """Compare a cache's digests with this run's; raise naming every part that differs."""
     if not Path(path).exists():
         raise FileNotFoundError(f"reference.cache '{path}' does not exist; make it with `dpokit precompute-ref`")
     with safe_open(str(path), "pt") as f:
@@ -118,7 +118,6 @@ def check_cache(path: str | Path, parts: dict[str, str]) -> dict[str, str]:
             f"reference.cache '{path}' (made from {meta.get('model', '?')} on {meta.get('data', '?')}) does not "
             f"match this run: other {', '.join(differ)}. Run `dpokit precompute-ref` again with this config."
         )
-    return meta
 
 
 def load_cache(path: str | Path, parts: dict[str, str]) -> dict[str, Tensor]:

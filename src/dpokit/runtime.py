@@ -56,7 +56,8 @@ def load_tokenizer_and_data(config: RunConfig) -> tuple[Any, PreparedData]:
 AnyBatch = Batch | PackedBatch
 Collate = Callable[[Sequence[TokenizedExample], Sequence[int]], AnyBatch]
 PACKED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
-"""Model types whose packed layout (custom 4D mask, plain LM head) the tests check against the padded path."""
+"""Model types that `train.layout=auto` packs: Llama-architecture decoders that honour a custom 4D attention mask and
+have a plain linear LM head. The tests check the packed layout against the padded one on Llama (incl. SmolLM2) only."""
 
 
 def resolve_layout(config: RunConfig, model: Any) -> str:

@@ -235,18 +235,18 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     steps_per_epoch = len(data.train) // t.batch_size
     total_steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
 
-    def parts(weights: str | None) -> dict[str, str]:
-        return cache_parts(weights, tokenizer_digest(tokenizer), data.train, data.eval, config)
-
+    data_parts: dict[str, str] = {}
     if config.reference.mode == "precomputed":
-        check_cache(str(config.reference.cache), parts(None))  # tokenizer, data, settings: before loading weights
+        # Tokenizer, data and settings are checked before any weights load; the weights digest is added below.
+        data_parts = cache_parts(None, tokenizer_digest(tokenizer), data.train, data.eval, config)
+        check_cache(str(config.reference.cache), data_parts)
     policy = load_model(config.model.path, config.model.gguf_file, config.model.attn_implementation).to(device)
     policy.config.use_cache = False
 
     def reference_parts() -> dict[str, str]:
         # The weights digest of the model precompute-ref scored with: the initial policy, or reference.path.
         reference = policy if config.reference.path is None else load_model(config.reference.path)
-        return parts(weights_digest(reference))
+        return data_parts | {"weights": weights_digest(reference)}
 
     reference_logps, _ = make_reference(config, policy, reference_parts, device)
     if t.activation_checkpointing:  # after the reference copy, which never runs backward
