@@ -13,14 +13,22 @@ from dpokit.losses import sigmoid_loss
 from dpokit.model import load_model
 
 
-def _examples(rng: random.Random, n: int, k: int = 2, vocab: int = 300, short: bool = False) -> list[TokenizedExample]:
+def _examples(
+    rng: random.Random, n: int, k: int = 2, vocab: int = 300, short: bool = False, empty_last: bool = False
+) -> list[TokenizedExample]:
+    """Random examples; `short`: length-1 completions; `empty_last`: every other example's last completion has no
+    token left (what truncation leaves when the prompt fills max_length)."""
+
     def ids(lo: int, hi: int) -> tuple[int, ...]:
         return tuple(rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi)))
 
-    return [
-        TokenizedExample((1, *ids(0, 20)), tuple(ids(1, 1 if short else 25) for _ in range(k)), f"ex:{i}")
-        for i in range(n)
-    ]
+    examples = []
+    for i in range(n):
+        completions = [ids(1, 1 if short else 25) for _ in range(k)]
+        if empty_last and i % 2 == 0:
+            completions[-1] = ()
+        examples.append(TokenizedExample((1, *ids(0, 20)), tuple(completions), f"ex:{i}"))
+    return examples
 
 
 def _grads(model, loss) -> dict[str, torch.Tensor]:
@@ -30,17 +38,25 @@ def _grads(model, loss) -> dict[str, torch.Tensor]:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
+    a, b = a.detach(), b.detach()
     return bool((a - b).abs().max() <= rel * max(1.0, float(b.abs().max())))
 
 
 @pytest.mark.parametrize(
-    ("n", "k", "capacity", "short"),
-    [(7, 2, 0, False), (1, 2, 0, False), (6, 2, 0, True), (5, 3, 200, False), (8, 2, 512, False)],
+    ("n", "k", "capacity", "short", "empty_last"),
+    [
+        (7, 2, 0, False, False),
+        (1, 2, 0, False, False),  # one pair per batch
+        (6, 2, 0, True, False),  # length-1 completions
+        (5, 2, 0, False, True),  # empty rejected completions
+        (5, 3, 200, False, False),
+        (8, 2, 512, False, False),
+    ],
 )
-def test_packed_equals_padded(tiny_model, n: int, k: int, capacity: int, short: bool) -> None:
+def test_packed_equals_padded(tiny_model, n: int, k: int, capacity: int, short: bool, empty_last: bool) -> None:
     model = load_model(str(tiny_model), attn_implementation="sdpa").float().train()
     torch.manual_seed(0)
-    examples = _examples(random.Random(n * 31 + k), n, k, short=short)
+    examples = _examples(random.Random(n * 31 + k), n, k, short=short, empty_last=empty_last)
     padded = collate(examples, range(n), pad_id=0)
     packed = pack(examples, range(n), pad_id=0, capacity=capacity)
     assert packed.num_tokens == sum(len(e.prompt_ids) + sum(map(len, e.completion_ids)) for e in examples)
@@ -48,6 +64,7 @@ def test_packed_equals_padded(tiny_model, n: int, k: int, capacity: int, short: 
     ref = sequence_logps(model, padded)
     fast = packed_sequence_logps(model, packed, chunk=16)
     assert torch.equal(ref.lengths, fast.lengths)
+    assert bool((ref.lengths[:, -1] == 0).any()) == empty_last
     assert _close(fast.logps, ref.logps) and _close(fast.log1m, ref.log1m)
 
     reference = ref.logps.detach() + 0.3
