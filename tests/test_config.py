@@ -58,6 +58,10 @@ def test_contradictory_settings_fail_before_anything_runs() -> None:
         load_config(None, ["loss.name=ipo", "loss.label_smoothing=0.1"])
     with pytest.raises(ConfigError, match="reference-free"):
         load_config(None, ["loss.name=ipo", "reference.mode=none"])
+    with pytest.raises(ConfigError, match="train.compile=true only"):
+        load_config(None, ["train.compile_memory_budget=0.5"])
+    with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+        load_config(None, ["train.compile=true", "train.compile_memory_budget=0"])
 
 
 def test_sft_command_sets_loss_and_refuses_a_contradiction(tmp_path: Path) -> None:

@@ -175,6 +175,27 @@ def test_precomputed_reference_matches_and_mismatch_is_refused(tiny_model: Path,
         )
 
 
+def test_bf16_weights_train_and_match_their_precomputed_reference(
+    tiny_model: Path, hh_file: Path, tmp_path: Path
+) -> None:
+    from dpokit.precompute import precompute_reference
+
+    cache = tmp_path / "ref.safetensors"
+    bf16 = ("model.dtype=bf16", f"reference.cache={cache}")
+    precompute_reference(_config(tiny_model, hh_file, tmp_path / "pre", *bf16))
+    train(_config(tiny_model, hh_file, tmp_path / "run", "train.max_steps=2", "reference.mode=precomputed", *bf16))
+    assert {w.dtype for w in _weights(tmp_path / "run").values()} == {torch.bfloat16}
+    # Policy and cached reference are the same bf16 model at step 1; only the row packing differs.
+    assert _metrics(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=2e-2)
+    # An fp32 run does not accept the bf16 model's cache: the weights digest differs.
+    with pytest.raises(ReferenceMismatch):
+        train(
+            _config(
+                tiny_model, hh_file, tmp_path / "fp32", "train.max_steps=1", "reference.mode=precomputed", *bf16[1:]
+            )
+        )
+
+
 def test_reference_free_and_other_losses_run(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
     for i, extra in enumerate(
         (
@@ -244,8 +265,46 @@ def test_activation_checkpointing_gives_the_same_step(tiny_model: Path, hh_file:
 
 
 @pytest.mark.slow
-def test_compiled_decoder_gives_the_same_losses(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
-    for name, flag in (("eager", "false"), ("compiled", "true")):
-        train(_config(tiny_model, hh_file, tmp_path / name, "train.max_steps=3", f"train.compile={flag}"))
-    eager, compiled = ([m["loss"] for m in _metrics(tmp_path / n)] for n in ("eager", "compiled"))
-    assert compiled == pytest.approx(eager, rel=1e-4)
+def test_compiled_layers_give_the_same_losses(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
+    runs = {
+        "eager": [],
+        "compiled": ["train.compile=true"],
+        "budget": ["train.compile=true", "train.compile_memory_budget=0.3"],
+    }
+    for name, extra in runs.items():
+        train(_config(tiny_model, hh_file, tmp_path / name, "train.max_steps=3", *extra))
+    eager, compiled, budget = ([m["loss"] for m in _metrics(tmp_path / n)] for n in runs)
+    assert compiled == pytest.approx(eager, rel=1e-4) and budget == pytest.approx(eager, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_memory_budget_saves_fewer_activations(tiny_model: Path) -> None:
+    """Every decoder layer is compiled, and a budget below 1 makes the compiler keep fewer activations for backward
+    (the bytes autograd saves, counted once per storage, parameters excluded)."""
+    from dpokit.data.pack import pack
+    from dpokit.data.tokenize import TokenizedExample
+    from dpokit.logprobs import packed_sequence_logps
+    from dpokit.model import load_model
+    from dpokit.runtime import compile_layers, compiler_memory_budget
+
+    examples = [TokenizedExample((1, *range(5, 25)), (tuple(range(30, 60)), tuple(range(70, 90))), "x")] * 4
+    batch = pack(examples, range(4), pad_id=0)
+
+    def saved_bytes(budget: float) -> int:
+        torch._dynamo.reset()
+        model = load_model(str(tiny_model)).train()
+        compile_layers(model)
+        assert all(layer._compiled_call_impl is not None for layer in model.get_decoder().layers)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with compiler_memory_budget(budget), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            packed_sequence_logps(model, batch).logps.sum().backward()
+        return sum(seen.values())
+
+    assert saved_bytes(0.3) < 0.8 * saved_bytes(1.0)

@@ -25,6 +25,7 @@ Schedule = Literal["constant", "linear", "cosine"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 OnError = Literal["raise", "skip"]
 Layout = Literal["auto", "padded", "packed"]
+WeightDtype = Literal["fp32", "bf16"]
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,10 @@ class ModelConfig:
     """GGUF file name inside `path`, when `path` is a folder holding one."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to `from_pretrained` (`sdpa`, `eager`, ...)."""
+    dtype: WeightDtype = "fp32"
+    """Weights, gradients and optimizer state. fp32 (with bf16 autocast on GPU: mixed precision), or bf16: half the
+    memory for all three, as when a model is loaded with `dtype=torch.bfloat16` elsewhere. With bf16 weights an
+    update smaller than about 0.2-0.4% of a weight rounds away, so very small learning rates train little."""
 
 
 @dataclass(frozen=True)
@@ -165,11 +170,18 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward (less memory, about a third more compute)."""
     compile: bool = False
-    """torch.compile the decoder (dynamic shapes)."""
+    """torch.compile each decoder layer (dynamic shapes; one compilation serves all layers)."""
+    compile_memory_budget: float = 1.0
+    """With compile: the share of the compiler's default saved activations to keep (0 < x <= 1). Below 1 the
+    compiler recomputes the cheapest operations in backward until activations fit the budget."""
     deterministic: bool = False
     """Ask torch for deterministic kernels (slower on GPU)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.compile_memory_budget <= 1.0:
+            raise ConfigError(f"train.compile_memory_budget must be in (0, 1], got {self.compile_memory_budget}")
+        if self.compile_memory_budget < 1.0 and not self.compile:
+            raise ConfigError("train.compile_memory_budget applies with train.compile=true only")
         if self.precision == "fp16":
             raise ConfigError(
                 "train.precision=fp16 is refused: fp16 gradients underflow without loss scaling, which dpokit does "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpokit.config import RunConfig
-from dpokit.model import load_model
+from dpokit.model import DTYPES, load_model
 from dpokit.reference import cache_parts, save_cache, score, tokenizer_digest, weights_digest
 from dpokit.runtime import (
     autocast_for,
@@ -25,7 +25,7 @@ def precompute_reference(config: RunConfig) -> Path:
     tokenizer, data = load_tokenizer_and_data(config)
     path = config.reference.path or config.model.path
     gguf = None if config.reference.path else config.model.gguf_file
-    model = load_model(path, gguf, config.model.attn_implementation)
+    model = load_model(path, gguf, config.model.attn_implementation, DTYPES[config.model.dtype])
     parts = cache_parts(weights_digest(model), tokenizer_digest(tokenizer), data.train, data.eval, config)
     model.to(device)
     size, chunk = config.train.micro_batch_size, config.train.logits_chunk

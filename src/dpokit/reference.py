@@ -26,7 +26,7 @@ from dpokit.data.collate import Batch
 from dpokit.data.pack import PackedBatch
 from dpokit.data.tokenize import TokenizedExample
 from dpokit.logprobs import batch_logps
-from dpokit.model import load_model
+from dpokit.model import DTYPES, load_model
 
 ReferenceFn = Callable[[Batch | PackedBatch, str], Tensor]
 
@@ -141,7 +141,8 @@ def make_reference(
         reference = copy.deepcopy(policy)
     else:
         assert config.reference.path is not None
-        reference = load_model(config.reference.path, None, config.model.attn_implementation).to(device)
+        dtype = DTYPES[config.model.dtype]
+        reference = load_model(config.reference.path, None, config.model.attn_implementation, dtype).to(device)
     reference.eval().requires_grad_(False)
 
     @torch.no_grad()

@@ -42,6 +42,28 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place (dynamic shapes: packed rows change size every step). The layers
+    share their code, so one compilation serves them all; a decoder without a `layers` list is compiled whole."""
+    decoder = model.get_decoder()  # type: ignore[operator]
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList):
+        for layer in layers:
+            layer.compile(dynamic=True)
+    else:
+        decoder.compile(dynamic=True)
+
+
+def compiler_memory_budget(budget: float) -> contextlib.AbstractContextManager[None]:
+    """While compiling, keep only `budget` of the default saved activations (AOTAutograd's memory-budget
+    partitioner recomputes the cheapest operations in backward); 1.0 leaves the compiler's default."""
+    if budget >= 1.0:
+        return contextlib.nullcontext()
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(activation_memory_budget=budget)  # type: ignore[no-any-return]
+
+
 def data_use(config: RunConfig) -> Use:
     if config.loss.name == "sft":
         return "sft"

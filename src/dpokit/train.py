@@ -25,13 +25,15 @@ from dpokit.checkpoint import latest_checkpoint, load_training_state, save_check
 from dpokit.config import RunConfig, save_config, to_dict
 from dpokit.logprobs import batch_logps
 from dpokit.losses import LOSSES, compute_loss
-from dpokit.model import load_model
+from dpokit.model import DTYPES, load_model
 from dpokit.reference import ReferenceFn, cache_parts, check_cache, make_reference, tokenizer_digest, weights_digest
 from dpokit.runtime import (
     AnyBatch,
     autocast_for,
     batches_in_order,
     collate_for,
+    compile_layers,
+    compiler_memory_budget,
     load_tokenizer_and_data,
     pick_device,
     resolve_layout,
@@ -44,7 +46,8 @@ def make_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Opt
     t = config.train
     if t.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    # The fused kernel (one launch for every parameter) where there is one: CUDA.
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=params[0].is_cuda or None)
 
 
 def make_scheduler(
@@ -240,19 +243,20 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         # Tokenizer, data and settings are checked before any weights load; the weights digest is added below.
         data_parts = cache_parts(None, tokenizer_digest(tokenizer), data.train, data.eval, config)
         check_cache(str(config.reference.cache), data_parts)
-    policy = load_model(config.model.path, config.model.gguf_file, config.model.attn_implementation).to(device)
+    dtype = DTYPES[config.model.dtype]
+    policy = load_model(config.model.path, config.model.gguf_file, config.model.attn_implementation, dtype).to(device)
     policy.config.use_cache = False
 
     def reference_parts() -> dict[str, str]:
         # The weights digest of the model precompute-ref scored with: the initial policy, or reference.path.
-        reference = policy if config.reference.path is None else load_model(config.reference.path)
+        reference = policy if config.reference.path is None else load_model(config.reference.path, dtype=dtype)
         return data_parts | {"weights": weights_digest(reference)}
 
     reference_logps, _ = make_reference(config, policy, reference_parts, device)
     if t.activation_checkpointing:  # after the reference copy, which never runs backward
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if t.compile:
-        policy.get_decoder().compile(dynamic=True)
+        compile_layers(policy)
     optimizer = make_optimizer(config, policy)
     scheduler = make_scheduler(config, optimizer, total_steps)
     checkpoints = out / "checkpoints"
@@ -276,7 +280,7 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         desc=config.loss.name,
         disable=not distributed.is_main(),
     )
-    with stop_requests() as stop_flag:
+    with stop_requests() as stop_flag, compiler_memory_budget(t.compile_memory_budget):
         for step in bar:
             started = time.perf_counter()
             indices = distributed.shard(step_examples(len(data.train), step, t.batch_size, t.seed))
