@@ -39,6 +39,8 @@ PRESETS = {
         "steps": 6,
         "warmup": 2,
         "device": "cpu",
+        "dtype": "fp32",
+        "systems": ["trl", "trl-precomputed", "dpokit", "dpokit-precomputed", "dpokit-padded"],
     },
     "llama1b": {
         "vocab": 128256,
@@ -50,12 +52,45 @@ PRESETS = {
         "lo": 64,
         "hi": 512,
         "pairs": 16,
-        "steps": 20,
-        "warmup": 5,
+        "steps": 10,
+        "warmup": 3,
         "device": "cuda",
+        # Both load the weights in bf16: the configuration TRL's reference figures in the issue were taken in.
+        "dtype": "bf16",
+        "systems": [
+            "trl",
+            "trl-precomputed",
+            "dpokit",
+            "dpokit-precomputed",
+            "dpokit-compile",
+            "dpokit-compile-precomputed",
+            "dpokit-lean",
+            "dpokit-ac",
+            "dpokit-padded",
+        ],
     },
 }
-SYSTEMS = ["dpokit", "dpokit-precomputed", "dpokit-padded", "trl", "trl-precomputed"]
+MODIFIERS: dict[str, dict] = {
+    "precomputed": {},  # reference log-probs computed once before training (set up in run_dpokit)
+    "padded": {"train": {"layout": "padded"}},
+    "compile": {"train": {"compile": True}},
+    "lean": {"train": {"compile": True, "compile_memory_budget": 0.5}},
+    "ac": {"train": {"activation_checkpointing": True}},
+}
+"""dpokit systems are `dpokit` plus modifiers joined by `-`, e.g. `dpokit-compile-precomputed`."""
+
+
+def check_system(name: str) -> str:
+    if name in ("trl", "trl-precomputed"):
+        return name
+    base, *mods = name.split("-")
+    if base != "dpokit" or any(m not in MODIFIERS for m in mods):
+        raise argparse.ArgumentTypeError(
+            f"unknown system {name!r}: trl, trl-precomputed, or dpokit[-{'|'.join(MODIFIERS)}]..."
+        )
+    return name
+
+
 H200_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s, NVIDIA's H200 datasheet
 
 
@@ -83,7 +118,8 @@ def make_workload(folder: Path, p: dict, n_pairs: int, seed: int) -> tuple[Path,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(folder / "model", safe_serialization=True)
+    dtype = torch.bfloat16 if p["dtype"] == "bf16" else torch.float32
+    LlamaForCausalLM(config).to(dtype).save_pretrained(folder / "model", safe_serialization=True)
     tokenizer.save_pretrained(folder / "model")
     rng = random.Random(seed)
 
@@ -116,8 +152,8 @@ def run_dpokit(folder: Path, p: dict, system: str) -> dict:
 
     model, data = folder / "model", folder / "pairs.jsonl"
     total = p["warmup"] + p["steps"]
-    raw = {
-        "model": {"path": str(model)},
+    raw: dict = {
+        "model": {"path": str(model), "dtype": p["dtype"]},
         "data": {"train_path": str(data), "max_length": 4 * p["hi"], "max_prompt_length": 2 * p["hi"]},
         "loss": {"name": "sigmoid", "beta": 0.1},
         "train": {
@@ -128,11 +164,15 @@ def run_dpokit(folder: Path, p: dict, system: str) -> dict:
             "lr": 1e-5,
             "optimizer": "adamw",
             "device": p["device"],
-            "layout": "padded" if system == "dpokit-padded" else "packed",
+            "layout": "packed",
             "max_grad_norm": 1.0,
         },
     }
-    if system == "dpokit-precomputed":
+    modifiers = system.split("-")[1:]
+    for m in modifiers:
+        for section, fields in MODIFIERS[m].items():
+            raw[section] = raw[section] | fields
+    if "precomputed" in modifiers:
         from dpokit.precompute import precompute_reference
 
         raw["reference"] = {"mode": "precomputed", "cache": str(folder / "ref.safetensors")}
@@ -154,7 +194,8 @@ def run_trl(folder: Path, p: dict, system: str) -> dict:
     rows = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
     cuda = p["device"] == "cuda"
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
-    model = AutoModelForCausalLM.from_pretrained(folder / "model", attn_implementation="sdpa", dtype=torch.float32)
+    dtype = torch.bfloat16 if p["dtype"] == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder / "model", attn_implementation="sdpa", dtype=dtype)
     times: list[float] = []
 
     class Timer(TrainerCallback):
@@ -215,7 +256,7 @@ def worker(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument("--systems", nargs="+", type=check_system, help="default: the preset's list")
     parser.add_argument("--overrides", default="{}", help='JSON to change preset fields, e.g. {"steps": 3}')
     parser.add_argument("--out", help="result file (default bench/results/<preset>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -227,49 +268,40 @@ def main() -> None:
 
     p = PRESETS[args.preset] | json.loads(args.overrides)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    out = Path(args.out or Path(__file__).parent / "results" / f"{args.preset}.json")
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         n_pairs = p["pairs"] * (p["warmup"] + p["steps"])
+        print(f"[bench] building the workload: {n_pairs} pairs, model {p['layers']}x{p['hidden']} ...", flush=True)
         make_workload(folder, p, n_pairs, seed=0)
         rows = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
         tokens_per_step = sum(counted_tokens(rows, p)) / (p["warmup"] + p["steps"])
         n_params = _params(p)
-        for system in args.systems:
-            out = folder / f"{system}.json"
-            cmd = [
-                sys.executable,
-                __file__,
-                "--preset",
-                args.preset,
-                "--overrides",
-                args.overrides,
-                "--worker",
-                system,
-                "--folder",
-                str(folder),
-                "--result",
-                str(out),
-            ]
+        for system in args.systems or p["systems"]:
+            result = folder / f"{system}.json"
+            cmd = [sys.executable, __file__, "--preset", args.preset, "--overrides", args.overrides]
+            cmd += ["--worker", system, "--folder", str(folder), "--result", str(result)]
             print(f"[bench] {system} ...", flush=True)
             started = time.perf_counter()
             run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             if run.returncode:
                 print(run.stdout[-2000:], run.stderr[-4000:])
                 results[system] = {"error": run.stderr[-1000:]}
-                continue
-            r = json.loads(out.read_text())
-            timed = r["step_seconds"][p["warmup"] :]
-            step = sum(timed) / len(timed)
-            flops = (6 + (0 if "precomputed" in system else 2)) * n_params * tokens_per_step
-            r |= {
-                "mean_step_seconds": step,
-                "tokens_per_second": tokens_per_step / step,
-                "mfu": flops / step / H200_BF16_PEAK if p["device"] == "cuda" else None,
-                "wall_seconds": time.perf_counter() - started,
-            }
-            results[system] = r
-    _report(results, p, command, tokens_per_step, n_params, args)
+            else:
+                r = json.loads(result.read_text())
+                timed = r["step_seconds"][p["warmup"] :]
+                step = sum(timed) / len(timed)
+                flops = (6 + (0 if "precomputed" in system else 2)) * n_params * tokens_per_step
+                r |= {
+                    "mean_step_seconds": step,
+                    "tokens_per_second": tokens_per_step / step,
+                    "mfu": flops / step / H200_BF16_PEAK if p["device"] == "cuda" else None,
+                    "wall_seconds": time.perf_counter() - started,
+                }
+                results[system] = r
+            # Written after every system, so a run cut short keeps what it measured.
+            _report(results, p, command, tokens_per_step, n_params, out)
 
 
 def _params(p: dict) -> int:
@@ -278,28 +310,40 @@ def _params(p: dict) -> int:
     return L * (2 * h * h + 2 * h * kv + 3 * h * i) + 2 * v * h
 
 
-def _report(
-    results: dict, p: dict, command: str, tokens_per_step: float, n_params: int, args: argparse.Namespace
-) -> None:
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    import torch
+
+    found = {name: version(name) for name in ("torch", "transformers", "trl")}
+    found["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return found
+
+
+def _report(results: dict, p: dict, command: str, tokens_per_step: float, n_params: int, out: Path) -> None:
     base = results.get("trl", {})
+
+    def ratio(r: dict, other: dict, key: str) -> str:
+        return f"{r[key] / other[key]:.2f}" if key in other else "-"
+
     lines = [
-        f"{'system':<20} {'step s':>8} {'tokens/s':>10} {'peak GiB':>9} {'MFU':>6} {'1st loss':>9} "
-        f"{'x TRL tok/s':>11} {'x TRL mem':>9}"
+        f"{'system':<28} {'step s':>7} {'tokens/s':>9} {'peak GiB':>8} {'MFU':>6} {'1st loss':>8} "
+        f"{'x TRL tok/s':>11} {'x TRL mem':>9} {'x w/o pre':>9}"
     ]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"{name:<20} failed: {r['error'][-200:]}")
+            lines.append(f"{name:<28} failed: {r['error'][-200:]}")
             continue
-        speed = r["tokens_per_second"] / base["tokens_per_second"] if "tokens_per_second" in base else float("nan")
-        memory = r["peak_memory_gib"] / base["peak_memory_gib"] if "peak_memory_gib" in base else float("nan")
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
+        # Precomputed reference: the speed-up over the same system computing the reference every step.
+        plain = results.get(name.replace("-precomputed", ""), {}) if name.endswith("-precomputed") else {}
         lines.append(
-            f"{name:<20} {r['mean_step_seconds']:>8.3f} {r['tokens_per_second']:>10.0f} "
-            f"{r['peak_memory_gib']:>9.2f} {mfu:>6} {r['first_loss']:>9.4f} {speed:>11.2f} {memory:>9.2f}"
+            f"{name:<28} {r['mean_step_seconds']:>7.3f} {r['tokens_per_second']:>9.0f} {r['peak_memory_gib']:>8.2f} "
+            f"{mfu:>6} {r['first_loss']:>8.4f} {ratio(r, base, 'tokens_per_second'):>11} "
+            f"{ratio(r, base, 'peak_memory_gib'):>9} {ratio(r, plain, 'tokens_per_second'):>9}"
         )
     table = "\n".join(lines)
-    print(table)
-    out = Path(args.out or Path(__file__).parent / "results" / f"{args.preset}.json")
+    print(table, flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
@@ -308,6 +352,7 @@ def _report(
                 "preset": p,
                 "tokens_per_step_counted": tokens_per_step,
                 "parameters": n_params,
+                "versions": _versions(),
                 "results": results,
                 "table": table,
             },
