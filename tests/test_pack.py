@@ -83,11 +83,12 @@ def test_packed_equals_padded(tiny_model, n: int, k: int, capacity: int, short: 
 def test_packing_shares_prompts_and_isolates_completions() -> None:
     examples = [TokenizedExample((1, 5, 6), ((7, 8), (9,)), "a"), TokenizedExample((1, 4), ((3,), (3, 3, 3)), "b")]
     batch = pack(examples, [0, 1], pad_id=0, capacity=20)
-    assert batch.input_ids.shape == (1, 20) and batch.num_tokens == 6 + 6
+    assert batch.input_ids.shape == (1, 12) and batch.num_tokens == 6 + 6  # as wide as the fullest row
+    assert pack(examples, [0, 1], pad_id=0, capacity=20, multiple_of=8).input_ids.shape == (1, 16)
     row = batch.input_ids[0, :12].tolist()
     assert row == [1, 5, 6, 7, 8, 9, 1, 4, 3, 3, 3, 3]
     assert batch.position_ids[0, :12].tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 2, 3, 4]
-    mask = batch.attention_mask[0, 0]
+    mask = batch.dense_mask()[0, 0]
     assert mask[5, :6].tolist() == [True, True, True, False, False, True]  # rejected sees the prompt, not chosen
     assert not mask[6, :6].any()  # the second example sees nothing of the first
     # The first token of each completion is predicted from the last prompt token.
@@ -109,3 +110,21 @@ def test_chunked_logps_never_builds_full_logits() -> None:
     g_full = torch.autograd.grad(full.sum(), (hidden, weight))
     g_chunk = torch.autograd.grad(chunked_token_logps(hidden, weight, targets, chunk=7)[0].sum(), (hidden, weight))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_full, g_chunk, strict=True))
+
+
+@pytest.mark.parametrize(("n", "short", "empty_last"), [(7, False, False), (1, False, False), (6, True, True)])
+def test_block_sparse_layout_gives_the_padded_logps(tiny_model, n: int, short: bool, empty_last: bool) -> None:
+    """FlexAttention with the BlockMask, all examples in one row: the padded path's log-probs. Forward only: PyTorch
+    has no FlexAttention backward on CPU (training with it is for GPUs; `train` refuses it on CPU)."""
+    from dpokit.runtime import FLEX_BLOCK
+
+    examples = _examples(random.Random(n), n, short=short, empty_last=empty_last)
+    plain = load_model(str(tiny_model), attn_implementation="sdpa").float().eval()
+    flex = load_model(str(tiny_model), attn_implementation="flex_attention").float().eval()
+    packed = pack(examples, range(n), pad_id=0, capacity=2**62, multiple_of=FLEX_BLOCK)
+    assert packed.input_ids.shape[0] == 1 and packed.input_ids.shape[1] % FLEX_BLOCK == 0
+    with torch.no_grad():
+        ref = sequence_logps(plain, collate(examples, range(n), pad_id=0))
+        fast = packed_sequence_logps(flex, packed, chunk=16)
+    assert torch.equal(ref.lengths, fast.lengths)
+    assert _close(fast.logps, ref.logps) and _close(fast.log1m, ref.log1m)

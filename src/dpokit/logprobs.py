@@ -87,8 +87,10 @@ def packed_sequence_logps(model: torch.nn.Module, batch: PackedBatch, chunk: int
     """The same three (B, K) sums as `sequence_logps`, from the packed prefix-shared layout, computing the LM head
     only at completion positions and in chunks."""
     decoder = model.get_decoder()  # type: ignore[operator]
+    flex = model.config._attn_implementation == "flex_attention"  # type: ignore[union-attr]
+    mask = batch.block_mask() if flex else batch.dense_mask()
     hidden = decoder(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+        input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
     ).last_hidden_state  # (R, T, H)
     scored = hidden.reshape(-1, hidden.shape[-1])[batch.predictor]  # (N, H)
     per_token, log1m = chunked_token_logps(scored, _plain_head(model), batch.targets, chunk)

@@ -13,7 +13,6 @@ from dpokit.runtime import (
     collate_for,
     load_tokenizer_and_data,
     pick_device,
-    resolve_layout,
 )
 
 
@@ -29,7 +28,7 @@ def precompute_reference(config: RunConfig) -> Path:
     parts = cache_parts(weights_digest(model), tokenizer_digest(tokenizer), data.train, data.eval, config)
     model.to(device)
     size, chunk = config.train.micro_batch_size, config.train.logits_chunk
-    make_batch = collate_for(resolve_layout(config, model), tokenizer.pad_token_id, config.train.pack_length)
+    make_batch = collate_for(config, model, tokenizer.pad_token_id)
     logps = {
         "train": score(model, batches_in_order(data.train, size, make_batch), device, autocast, chunk),
         "eval": score(model, batches_in_order(data.eval, size, make_batch), device, autocast, chunk),

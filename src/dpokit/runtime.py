@@ -88,9 +88,18 @@ def resolve_layout(config: RunConfig, model: Any) -> str:
     return "packed" if getattr(model.config, "model_type", None) in PACKED_MODEL_TYPES else "padded"
 
 
-def collate_for(layout: str, pad_id: int, pack_length: int) -> Collate:
+FLEX_BLOCK = 128
+"""FlexAttention's block size: rows of the block-sparse layout are padded to a multiple of it."""
+
+
+def collate_for(config: RunConfig, model: Any, pad_id: int) -> Collate:
+    """How micro-batches are built: padded rows, or packed rows (dense mask); with FlexAttention, packed into as few
+    rows as `train.pack_length` allows (one row when 0), since masked blocks cost nothing there."""
+    layout, capacity = resolve_layout(config, model), config.train.pack_length
+    if layout == "packed" and model.config._attn_implementation == "flex_attention":
+        return lambda examples, indices: pack(examples, indices, pad_id, capacity or 2**62, FLEX_BLOCK)
     if layout == "packed":
-        return lambda examples, indices: pack(examples, indices, pad_id, pack_length)
+        return lambda examples, indices: pack(examples, indices, pad_id, capacity)
     return lambda examples, indices: collate(examples, indices, pad_id)
 
 

@@ -36,7 +36,6 @@ from dpokit.runtime import (
     compiler_memory_budget,
     load_tokenizer_and_data,
     pick_device,
-    resolve_layout,
     seed_everything,
 )
 
@@ -225,6 +224,11 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Run SFT or preference optimisation as the config says; return the summary (also in summary.json)."""
     t = config.train
     device = pick_device(t.device)
+    if device.type == "cpu" and config.model.attn_implementation == "flex_attention":
+        raise ValueError(
+            "model.attn_implementation=flex_attention trains on GPUs only: PyTorch has no FlexAttention backward on "
+            "CPU. Use sdpa on CPU (precompute-ref, which runs no backward, accepts flex_attention anywhere)."
+        )
     autocast = autocast_for(t.precision, device)
     seed_everything(t.seed, t.deterministic)
     tokenizer, data = load_tokenizer_and_data(config)  # bad paths and bad data fail here, before anything is written
@@ -264,7 +268,7 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     if resume and (last := latest_checkpoint(checkpoints)) is not None:
         start_step = load_training_state(last, policy, optimizer, scheduler)
         print(f"[resume] from {last} at step {start_step}")
-    make_batch = collate_for(resolve_layout(config, policy), tokenizer.pad_token_id, t.pack_length)
+    make_batch = collate_for(config, policy, tokenizer.pad_token_id)
     eval_batches = batches_in_order(data.eval, t.micro_batch_size, make_batch)
     per_token = LOSSES[config.loss.name].per_token
     log = MetricsLog(out, start_step)

@@ -9,12 +9,17 @@ the longest segment), so almost no pad token is computed and each prompt is comp
 The scored tokens are addressed explicitly: `predictor[n]` is the flat position whose hidden state predicts
 `targets[n]`, and `segment[n]` = b·K + k says which completion it belongs to. The first token of every completion
 is predicted from the last prompt token, which is why completions can sit anywhere after the prompt.
+
+The batch holds, per token, which example (`owner`) and which part (`part`: 0 prompt, k + 1 completion k) it belongs
+to; the attention mask is built from them on the device, either dense (R, 1, T, T) for any attention kernel, or as a
+FlexAttention `BlockMask` that skips the masked blocks altogether (`model.attn_implementation=flex_attention`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,8 +33,10 @@ class PackedBatch:
     """(R, T) packed rows, pad at the end of a row."""
     position_ids: Tensor
     """(R, T) position of each token within its own prompt + completion."""
-    attention_mask: Tensor
-    """(R, 1, T, T) bool, True where query token i may attend to key token j."""
+    owner: Tensor
+    """(R, T) the example (within the batch) each token belongs to; -1 for pad."""
+    part: Tensor
+    """(R, T) 0 for a prompt token, k + 1 for a token of completion k; -1 for pad."""
     predictor: Tensor
     """(N,) flat index r·T + t of the hidden state that predicts each scored token."""
     targets: Tensor
@@ -41,6 +48,28 @@ class PackedBatch:
     num_completions: int
     num_tokens: int
     """Real (non-pad) tokens computed."""
+
+    def dense_mask(self) -> Tensor:
+        """(R, 1, T, T) bool, True where query token i may attend to key token j: causal, within one example, and a
+        completion sees its prompt and its own earlier tokens only. Built where the batch lies (on the GPU there)."""
+        width = self.input_ids.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.owner.device).tril()
+        same_example = self.owner[:, :, None] == self.owner[:, None, :]
+        visible_part = (self.part[:, None, :] == 0) | (self.part[:, None, :] == self.part[:, :, None])
+        return (causal & same_example & visible_part).unsqueeze(1)
+
+    def block_mask(self) -> Any:
+        """The same mask as a FlexAttention BlockMask: blocks in which nothing may attend are never computed."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        owner, part = self.owner, self.part
+
+        def visible(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            same = owner[b, q] == owner[b, kv]
+            return (q >= kv) & same & ((part[b, kv] == 0) | (part[b, kv] == part[b, q]))
+
+        rows, width = self.input_ids.shape
+        return create_block_mask(visible, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=self.owner.device)
 
     @property
     def num_examples(self) -> int:
@@ -54,7 +83,8 @@ class PackedBatch:
         return PackedBatch(
             self.input_ids.to(device),
             self.position_ids.to(device),
-            self.attention_mask.to(device),
+            self.owner.to(device),
+            self.part.to(device),
             self.predictor.to(device),
             self.targets.to(device),
             self.segment.to(device),
@@ -80,14 +110,18 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
-def pack(examples: Sequence[TokenizedExample], indices: Sequence[int], pad_id: int, capacity: int = 0) -> PackedBatch:
-    """Pack examples (prompt once, then each completion) into rows; see the module docstring for the layout."""
+def pack(
+    examples: Sequence[TokenizedExample], indices: Sequence[int], pad_id: int, capacity: int = 0, multiple_of: int = 1
+) -> PackedBatch:
+    """Pack examples (prompt once, then each completion) into rows of at most `capacity` tokens (at least the longest
+    example); rows are as wide as the fullest one, rounded up to `multiple_of`. See the module docstring."""
     k = len(examples[0].completion_ids)
     if any(len(e.completion_ids) != k for e in examples):
         raise ValueError("every example in a batch needs the same number of completions")
     sizes = [len(e.prompt_ids) + sum(len(c) for c in e.completion_ids) for e in examples]
-    width = max(max(sizes), capacity)
-    rows = first_fit_decreasing(sizes, width)
+    rows = first_fit_decreasing(sizes, max(max(sizes), capacity))
+    fullest = max(sum(sizes[b] for b in row) for row in rows)
+    width = -(-fullest // multiple_of) * multiple_of
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     owner = torch.full((len(rows), width), -1, dtype=torch.long)  # example within the batch, -1 for pad
@@ -119,14 +153,11 @@ def pack(examples: Sequence[TokenizedExample], indices: Sequence[int], pad_id: i
                 targets += list(completion)
                 segment += [b * k + c] * n
                 offset += n
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    same_example = owner[:, :, None] == owner[:, None, :]
-    visible_part = (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])
-    attention_mask = (causal & same_example & visible_part).unsqueeze(1)
     return PackedBatch(
         input_ids,
         position_ids,
-        attention_mask,
+        owner,
+        part,
         torch.tensor(predictor, dtype=torch.long),
         torch.tensor(targets, dtype=torch.long),
         torch.tensor(segment, dtype=torch.long),
