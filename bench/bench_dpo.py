@@ -8,7 +8,16 @@ The workload: a randomly initialised Llama-style model (no downloads) and a word
 [lo, hi]; the same pairs in the same order for every system. Tokens per pair are counted as 2·prompt + chosen +
 rejected (what an implementation without padding or prefix sharing processes), so the systems are comparable.
 Each system runs in its own process (peak memory is per process) for `warmup + steps` optimizer steps; the
-timings are of the last `steps`. Prints a table and writes bench/results/<preset>.json with the exact command.
+timings are of the last `steps`. Prints a table and writes bench/results/<preset>.json with the exact command
+(rewritten after every system, so a run cut short keeps what it measured).
+
+Systems: `trl` and `trl-precomputed` (TRL's DPOTrainer: no gradient checkpointing, sdpa, fused AdamW, bf16 on GPU),
+and `dpokit` (packed prefix-shared rows, dense mask) with modifiers joined by `-`: `flex` (FlexAttention block mask,
+all pairs of a step in one row; GPU only), `compile` (each decoder layer compiled), `lean` (compile with half the
+activation memory budget), `ac` (activation checkpointing), `padded` (one padded row per completion), `precomputed`
+(reference log-probs computed once before training). On the GPU preset both load the weights in bf16. MFU counts
+6·N FLOPs per counted token for the policy and 2·N more for a reference forward (N parameters, attention excluded),
+so padding and recomputation count as waste and prefix sharing as a gain.
 """
 
 from __future__ import annotations
@@ -59,20 +68,20 @@ PRESETS = {
         "dtype": "bf16",
         "systems": [
             "trl",
-            "trl-precomputed",
+            "dpokit-flex",
+            "dpokit-flex-precomputed",
             "dpokit",
+            "trl-precomputed",
+            "dpokit-flex-compile",
+            "dpokit-flex-lean",
             "dpokit-precomputed",
-            "dpokit-compile",
-            "dpokit-compile-precomputed",
-            "dpokit-lean",
-            "dpokit-ac",
-            "dpokit-padded",
         ],
     },
 }
 MODIFIERS: dict[str, dict] = {
     "precomputed": {},  # reference log-probs computed once before training (set up in run_dpokit)
     "padded": {"train": {"layout": "padded"}},
+    "flex": {"model": {"attn_implementation": "flex_attention"}},  # block-sparse mask, one row per step (GPU only)
     "compile": {"train": {"compile": True}},
     "lean": {"train": {"compile": True, "compile_memory_budget": 0.5}},
     "ac": {"train": {"activation_checkpointing": True}},
