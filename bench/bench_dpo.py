@@ -130,12 +130,20 @@ def make_workload(folder: Path, p: dict, n_pairs: int, seed: int) -> tuple[Path,
     dtype = torch.bfloat16 if p["dtype"] == "bf16" else torch.float32
     LlamaForCausalLM(config).to(dtype).save_pretrained(folder / "model", safe_serialization=True)
     tokenizer.save_pretrained(folder / "model")
+    data = folder / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(p, n_pairs, seed)))
+    return folder / "model", data
+
+
+def make_pairs(p: dict, n_pairs: int, seed: int) -> list[dict]:
+    """Pairs of "w<id> ..." texts; prompt, chosen and rejected word counts independently uniform in [lo, hi]
+    (chosen and rejected one less, for their EOS)."""
     rng = random.Random(seed)
 
     def text(n: int) -> str:
         return " ".join(f"w{rng.randrange(3, p['vocab'])}" for _ in range(n))
 
-    rows = [
+    return [
         {
             "prompt": text(rng.randint(p["lo"], p["hi"])),
             "chosen": " " + text(rng.randint(p["lo"], p["hi"] - 1)),
@@ -143,9 +151,6 @@ def make_workload(folder: Path, p: dict, n_pairs: int, seed: int) -> tuple[Path,
         }
         for _ in range(n_pairs)
     ]
-    data = folder / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder / "model", data
 
 
 def counted_tokens(rows: list[dict], p: dict) -> list[int]:
