@@ -256,11 +256,13 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
         reference = policy if config.reference.path is None else load_model(config.reference.path, dtype=dtype)
         return data_parts | {"weights": weights_digest(reference)}
 
-    reference_logps, _ = make_reference(config, policy, reference_parts, device)
+    reference_logps, reference = make_reference(config, policy, reference_parts, device)
     if t.activation_checkpointing:  # after the reference copy, which never runs backward
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if t.compile:
         compile_layers(policy)
+        if reference is not None:
+            compile_layers(reference)
     optimizer = make_optimizer(config, policy)
     scheduler = make_scheduler(config, optimizer, total_steps)
     checkpoints = out / "checkpoints"
