@@ -234,7 +234,7 @@ def run_trl(folder: Path, p: dict, system: str) -> dict:
         save_strategy="no",
         bf16=cuda,
         use_cpu=not cuda,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         max_length=None,
         precompute_ref_log_probs=system == "trl-precomputed",
@@ -251,7 +251,8 @@ def run_trl(folder: Path, p: dict, system: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_seconds": times, "first_loss": losses[0]}
+    checkpointing = bool(trainer.model.is_activation_checkpointing)
+    return {"step_seconds": times, "first_loss": losses[0], "activation_checkpointing": checkpointing}
 
 
 def worker(args: argparse.Namespace) -> None:

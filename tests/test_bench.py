@@ -27,6 +27,7 @@ def test_bench_runs_every_kind_of_system_and_writes_its_table(tmp_path: Path) ->
         assert len(r["step_seconds"]) == tiny["steps"] + tiny["warmup"] and r["tokens_per_second"] > 0
         assert r["first_loss"] == pytest.approx(math.log(2), abs=1e-3), name
     assert "x TRL tok/s" in report["table"] and report["versions"]["trl"]
+    assert report["results"]["trl"]["activation_checkpointing"] is False  # TRL in its fastest configuration
     # An unknown system is refused before any work.
     bad = subprocess.run([sys.executable, str(BENCH), "--systems", "dpokit-fast"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown system" in bad.stderr
