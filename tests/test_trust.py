@@ -247,6 +247,13 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_model, hh_file, tmp_path, m
                 "train.save_every=2",
             )
         )
+    # The count is part of the checkpoint: a resumed run goes on counting from it.
+    state = torch.load(tmp_path / "stop" / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=False)
+    assert state["skipped_steps"] == 1
+    monkeypatch.setattr(train_module, "batch_logps", real)
+    resumed = _config(tiny_model, hh_file, tmp_path / "stop", "train.max_steps=4", "train.max_nonfinite_steps=1")
+    train(resumed, resume=True)
+    assert [m["skipped_steps"] for m in _metrics(tmp_path / "stop") if "loss" in m][-2:] == [1, 1]
 
 
 def test_flex_attention_training_on_cpu_is_refused_before_loading(tmp_path: Path) -> None:

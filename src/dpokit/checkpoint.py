@@ -40,7 +40,14 @@ def save_model(model: Any, tokenizer: Any, out: Path, config: RunConfig) -> None
 
 
 def save_checkpoint(
-    out: Path, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, step: int, config: RunConfig
+    out: Path,
+    model: Any,
+    tokenizer: Any,
+    optimizer: Any,
+    scheduler: Any,
+    step: int,
+    config: RunConfig,
+    skipped_steps: int = 0,
 ) -> None:
     """A resumable checkpoint at `out` (e.g. runs/x/checkpoints/step-100)."""
     if not distributed.is_main():
@@ -48,6 +55,7 @@ def save_checkpoint(
     tmp = _write_model(model, tokenizer, out, config)
     state = {
         "step": step,
+        "skipped_steps": skipped_steps,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": {
@@ -66,8 +74,9 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def load_training_state(path: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return the step to continue from."""
+def load_training_state(path: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, int]:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return the step to continue from and the
+    number of updates skipped so far (non-finite steps)."""
     from safetensors.torch import load_file
 
     weights: dict[str, torch.Tensor] = {}
@@ -87,4 +96,4 @@ def load_training_state(path: Path, model: Any, optimizer: Any, scheduler: Any) 
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     random.setstate(state["rng"]["python"])
-    return int(state["step"])
+    return int(state["step"]), int(state.get("skipped_steps", 0))

@@ -266,9 +266,9 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     optimizer = make_optimizer(config, policy)
     scheduler = make_scheduler(config, optimizer, total_steps)
     checkpoints = out / "checkpoints"
-    start_step = 0
+    start_step = skipped_steps = 0
     if resume and (last := latest_checkpoint(checkpoints)) is not None:
-        start_step = load_training_state(last, policy, optimizer, scheduler)
+        start_step, skipped_steps = load_training_state(last, policy, optimizer, scheduler)
         print(f"[resume] from {last} at step {start_step}")
     make_batch = collate_for(config, policy, tokenizer.pad_token_id)
     eval_batches = batches_in_order(data.eval, t.micro_batch_size, make_batch)
@@ -277,7 +277,6 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
 
-    skipped_steps = 0
     policy.train()
     bar = tqdm(
         range(start_step, total_steps),
@@ -312,7 +311,7 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
                 optimizer.step()
                 scheduler.step()
             else:
-                # Skip the update, keep the data moving; too many in a row of such steps means the run is broken.
+                # Skip the update, keep the data moving; too many such steps (resumes included) mean a broken run.
                 skipped_steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 print(f"[warning] step {done}: non-finite loss or gradient, update skipped ({skipped_steps} so far)")
@@ -344,7 +343,9 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
                 eval_metrics = evaluate(config, policy, reference_logps, eval_batches, device, autocast)
                 log.write(done, eval_metrics)
             if (t.save_every and done % t.save_every == 0 and done < total_steps) or stop_flag:
-                save_checkpoint(checkpoints / f"step-{done}", policy, tokenizer, optimizer, scheduler, done, config)
+                save_checkpoint(
+                    checkpoints / f"step-{done}", policy, tokenizer, optimizer, scheduler, done, config, skipped_steps
+                )
             if stop_flag:
                 log.close()
                 raise Interrupted(stop_flag["signal"], checkpoints / f"step-{done}")
