@@ -66,14 +66,15 @@ PRESETS = {
         "device": "cuda",
         # Both load the weights in bf16: the configuration TRL's reference figures in the issue were taken in.
         "dtype": "bf16",
+        # Most telling first: one GPU call may not finish them all, and each finished one is kept.
         "systems": [
             "trl",
             "dpokit-flex",
             "dpokit-flex-precomputed",
-            "dpokit",
-            "trl-precomputed",
-            "dpokit-flex-compile",
             "dpokit-flex-lean",
+            "trl-precomputed",
+            "dpokit",
+            "dpokit-flex-compile",
             "dpokit-precomputed",
         ],
     },
