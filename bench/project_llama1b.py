@@ -91,7 +91,7 @@ def saved_bytes_per_position(p: dict, mode: str) -> tuple[float, float]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dpokit.logprobs import packed_sequence_logps
-    from dpokit.runtime import compile_layers, compiler_memory_budget
+    from dpokit.runtime import SavedActivations, compile_layers, compiler_memory_budget
 
     def measure(n_layers: int) -> tuple[int, int]:
         torch._dynamo.reset()
@@ -111,22 +111,14 @@ def saved_bytes_per_position(p: dict, mode: str) -> tuple[float, float]:
         if mode in ("compile", "lean"):
             compile_layers(model)
         batch = pack(examples_of(make_pairs(p | {"lo": 48, "hi": 96}, 4, seed=1)), range(4), pad_id=0)
-        params = {q.untyped_storage().data_ptr() for q in model.parameters()}
-        seen: dict[int, int] = {}
-
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in params:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
+        saved = SavedActivations(model)
         for _ in range(2):  # the first call compiles; count the second
-            seen.clear()
             with compiler_memory_budget(0.5 if mode == "lean" else 1.0):
-                with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                with saved:
                     out = packed_sequence_logps(model, batch)
                 out.logps.sum().backward()
             model.zero_grad(set_to_none=True)
-        return sum(seen.values()), batch.input_ids.numel()
+        return saved.bytes, batch.input_ids.numel()
 
     (one, positions), (two, _) = measure(1), measure(2)
     per_layer = (two - one) / positions
@@ -193,7 +185,8 @@ def main() -> None:
         f"{'x TRL (FLOPs)':>13} {'precomp.':>8} {'x self':>6}"
     ]
     for name, c in layouts.items():
-        pad = 100 * (1 - real / c["positions"]) if name != "trl" else float("nan")
+        # Pad: positions beyond the tokens the layout needs (TRL: prompt twice; dpokit: prompt once).
+        pad = 100 * (1 - (counted if name == "trl" else real) / c["positions"])
         lines.append(
             f"{name:<14} {c['positions']:>9.0f} {pad:>6.1f} {c['attended_pairs']:>11.3g} {c['flops'] / 1e12:>10.1f} "
             f"{speed[name]['reference_every_step']:>13.2f} {speed[name]['precomputed']:>8.2f} "

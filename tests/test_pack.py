@@ -89,6 +89,8 @@ def test_packing_shares_prompts_and_isolates_completions() -> None:
     assert row == [1, 5, 6, 7, 8, 9, 1, 4, 3, 3, 3, 3]
     assert batch.position_ids[0, :12].tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 2, 3, 4]
     mask = batch.dense_mask()[0, 0]
+    # Built once per batch (policy and reference share it); a batch moved elsewhere builds its own there.
+    assert batch.dense_mask() is batch.dense_mask() and not batch.to("cpu").masks
     assert mask[5, :6].tolist() == [True, True, True, False, False, True]  # rejected sees the prompt, not chosen
     assert not mask[6, :6].any()  # the second example sees nothing of the first
     # The first token of each completion is predicted from the last prompt token.

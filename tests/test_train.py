@@ -285,7 +285,7 @@ def test_compile_memory_budget_saves_fewer_activations(tiny_model: Path) -> None
     from dpokit.data.tokenize import TokenizedExample
     from dpokit.logprobs import packed_sequence_logps
     from dpokit.model import load_model
-    from dpokit.runtime import compile_layers, compiler_memory_budget
+    from dpokit.runtime import SavedActivations, compile_layers, compiler_memory_budget
 
     examples = [TokenizedExample((1, *range(5, 25)), (tuple(range(30, 60)), tuple(range(70, 90))), "x")] * 4
     batch = pack(examples, range(4), pad_id=0)
@@ -295,16 +295,8 @@ def test_compile_memory_budget_saves_fewer_activations(tiny_model: Path) -> None
         model = load_model(str(tiny_model)).train()
         compile_layers(model)
         assert all(layer._compiled_call_impl is not None for layer in model.get_decoder().layers)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen: dict[int, int] = {}
-
-        def keep(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in params:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with compiler_memory_budget(budget), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        with compiler_memory_budget(budget), SavedActivations(model) as saved:
             packed_sequence_logps(model, batch).logps.sum().backward()
-        return sum(seen.values())
+        return saved.bytes
 
     assert saved_bytes(0.3) < 0.8 * saved_bytes(1.0)

@@ -18,7 +18,7 @@ FlexAttention `BlockMask` that skips the masked blocks altogether (`model.attn_i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,20 +48,26 @@ class PackedBatch:
     num_completions: int
     num_tokens: int
     """Real (non-pad) tokens computed."""
+    masks: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Masks built so far, kept so the policy and the reference forward of a step build each once."""
 
     def dense_mask(self) -> Tensor:
         """(R, 1, T, T) bool, True where query token i may attend to key token j: causal, within one example, and a
         completion sees its prompt and its own earlier tokens only. Built where the batch lies (on the GPU there)."""
-        width = self.input_ids.shape[1]
-        causal = torch.ones(width, width, dtype=torch.bool, device=self.owner.device).tril()
-        same_example = self.owner[:, :, None] == self.owner[:, None, :]
-        visible_part = (self.part[:, None, :] == 0) | (self.part[:, None, :] == self.part[:, :, None])
-        return (causal & same_example & visible_part).unsqueeze(1)
+        if "dense" not in self.masks:
+            width = self.input_ids.shape[1]
+            causal = torch.ones(width, width, dtype=torch.bool, device=self.owner.device).tril()
+            same_example = self.owner[:, :, None] == self.owner[:, None, :]
+            visible_part = (self.part[:, None, :] == 0) | (self.part[:, None, :] == self.part[:, :, None])
+            self.masks["dense"] = (causal & same_example & visible_part).unsqueeze(1)
+        return self.masks["dense"]
 
     def block_mask(self) -> Any:
         """The same mask as a FlexAttention BlockMask: blocks in which nothing may attend are never computed."""
         from torch.nn.attention.flex_attention import create_block_mask
 
+        if "block" in self.masks:
+            return self.masks["block"]
         owner, part = self.owner, self.part
 
         def visible(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
@@ -69,7 +75,8 @@ class PackedBatch:
             return (q >= kv) & same & ((part[b, kv] == 0) | (part[b, kv] == part[b, q]))
 
         rows, width = self.input_ids.shape
-        return create_block_mask(visible, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=self.owner.device)
+        self.masks["block"] = create_block_mask(visible, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=owner.device)
+        return self.masks["block"]
 
     @property
     def num_examples(self) -> int:
