@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_dpo import PRESETS, _params, make_pairs  # noqa: E402
+from bench_dpo import PRESETS, _params, make_pairs, make_workload  # noqa: E402
 
 from dpokit.data.pack import PackedBatch, pack  # noqa: E402
 from dpokit.data.tokenize import TokenizedExample  # noqa: E402
@@ -125,6 +125,39 @@ def saved_bytes_per_position(p: dict, mode: str) -> tuple[float, float]:
     return per_layer, one / positions - per_layer
 
 
+def trl_collated_positions(p: dict) -> float:
+    """Mean positions per step of the batches TRL's own DPOTrainer builds for this workload (its collator and its
+    shuffled order), read from its data loader; the model is shrunk (vocab, width), the lengths are the preset's."""
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    small = p | {"vocab": 8192, "hidden": 64, "intermediate": 128, "layers": 1, "heads": 4, "kv_heads": 2}
+    small["dtype"] = "fp32"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        make_workload(folder, small, p["pairs"] * (p["warmup"] + p["steps"]), seed=0)
+        rows = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+        args = DPOConfig(
+            output_dir=str(folder / "trl"),
+            per_device_train_batch_size=p["pairs"],
+            max_length=None,
+            report_to=[],
+            use_cpu=True,
+            dataloader_drop_last=True,
+            seed=0,
+        )
+        trainer = DPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(folder / "model"),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=AutoTokenizer.from_pretrained(folder / "model"),
+        )
+        return statistics.mean(batch["input_ids"].numel() for batch in trainer.get_train_dataloader())
+
+
 def main() -> None:
     p = PRESETS["llama1b"]
     steps = p["warmup"] + p["steps"]
@@ -179,6 +212,7 @@ def main() -> None:
                 "activations_gib": saved / GIB,
             }
 
+    trl_collated = trl_collated_positions(p)
     trl_measured_gib = 68.0  # TRL 1.16 without gradient checkpointing on an H200, as the issue reports
     lines = [
         f"{'layout':<14} {'positions':>9} {'pad %':>6} {'att. pairs':>11} {'TFLOP/step':>10} "
@@ -192,6 +226,7 @@ def main() -> None:
             f"{speed[name]['reference_every_step']:>13.2f} {speed[name]['precomputed']:>8.2f} "
             f"{speed[name]['precomputed_over_same']:>6.2f}"
         )
+    lines.append(f"(TRL's own collator, shuffled order: {trl_collated:.0f} positions per step on average)")
     lines.append("")
     lines.append(f"{'dpokit memory (projected)':<28} {'peak GiB':>9} {'x TRL 68 GiB':>12} {'activations GiB':>15}")
     for name, m in memory.items():
@@ -211,6 +246,7 @@ def main() -> None:
                 "preset": p,
                 "counted_tokens_per_step": counted,
                 "real_tokens_per_step": real,
+                "trl_collator_mean_positions": trl_collated,
                 "parameters": n_params,
                 "layouts": layouts,
                 "flop_speed_ratios": speed,

@@ -164,7 +164,8 @@ class TrainConfig:
     """padded: one padded row per completion (any model); packed: each prompt once, no pad tokens, the LM head only
     at completion tokens, in chunks (models with a plain linear LM head); auto: packed for Llama-family models."""
     pack_length: int = 0
-    """Row capacity of the packed layout in tokens (0: the longest example of the micro-batch)."""
+    """Row capacity of the packed layout in tokens (0: the longest example of the micro-batch; with
+    model.attn_implementation=flex_attention, 0 puts the whole micro-batch in one row)."""
     logits_chunk: int = 1024
     """Completion tokens per LM-head chunk in the packed layout (bounds the (tokens, vocab) logits in memory)."""
     activation_checkpointing: bool = False
