@@ -175,6 +175,24 @@ def test_precomputed_reference_matches_and_mismatch_is_refused(tiny_model: Path,
         )
 
 
+def test_precompute_ref_with_flex_attention_gives_the_sdpa_cache(
+    tiny_model: Path, hh_file: Path, tmp_path: Path
+) -> None:
+    """The block-sparse layout (one row per micro-batch) scores the reference like the dense one: forward only, so
+    it runs on CPU too; the cache does not depend on the attention kernel."""
+    from dpokit.precompute import precompute_reference
+
+    caches = {}
+    for attn in ("sdpa", "flex_attention"):
+        caches[attn] = tmp_path / f"{attn}.safetensors"
+        extra = (f"model.attn_implementation={attn}", f"reference.cache={caches[attn]}", "data.eval_fraction=0.2")
+        precompute_reference(_config(tiny_model, hh_file, tmp_path / attn, *extra))
+    dense, flex = load_file(str(caches["sdpa"])), load_file(str(caches["flex_attention"]))
+    assert dense.keys() == flex.keys() and len(dense) >= 2
+    for name in dense:
+        torch.testing.assert_close(flex[name], dense[name], rtol=1e-5, atol=1e-4)
+
+
 def test_bf16_weights_train_and_match_their_precomputed_reference(
     tiny_model: Path, hh_file: Path, tmp_path: Path
 ) -> None:
