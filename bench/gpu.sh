@@ -12,5 +12,5 @@ export PYTHONPATH="/tmp/site:$PWD/src" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)"
 # First the GPU-only exactness check (FlexAttention training against the padded path, fp32), then the benchmark.
-timeout 90 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
-timeout 480 python3 bench/bench_dpo.py --preset llama1b --out "$OUT/llama1b.json" "$@" 2>&1 | tee "$OUT/log.txt"
+timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
+timeout 420 python3 bench/bench_dpo.py --preset llama1b --out "$OUT/llama1b.json" "$@" 2>&1 | tee "$OUT/log.txt"
