@@ -11,10 +11,10 @@ import torch
 
 from dpokit.data.collate import collate
 from dpokit.data.pack import pack
-from dpokit.data.tokenize import TokenizedExample
 from dpokit.logprobs import packed_sequence_logps, sequence_logps
 from dpokit.losses import sigmoid_loss
 from dpokit.runtime import FLEX_BLOCK
+from tests.test_pack import _examples
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda"
@@ -37,26 +37,11 @@ def _model(attn: str) -> torch.nn.Module:
     return model.to(DEVICE).float().train()
 
 
-def _examples(seed: int, n: int, short: bool, empty_last: bool) -> list[TokenizedExample]:
-    rng = random.Random(seed)
-
-    def ids(lo: int, hi: int) -> tuple[int, ...]:
-        return tuple(rng.randrange(3, 512) for _ in range(rng.randint(lo, hi)))
-
-    examples = []
-    for i in range(n):
-        completions = [ids(1, 1 if short else 200) for _ in range(2)]
-        if empty_last and i % 2 == 0:
-            completions[-1] = ()
-        examples.append(TokenizedExample((1, *ids(0, 150)), tuple(completions), f"ex:{i}"))
-    return examples
-
-
 @pytest.mark.parametrize(("n", "short", "empty_last"), [(9, False, False), (1, False, False), (6, True, True)])
 def test_flex_training_gives_the_padded_logps_losses_and_gradients(n: int, short: bool, empty_last: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    examples = _examples(n, n, short, empty_last)
+    examples = _examples(random.Random(n), n, vocab=512, short=short, empty_last=empty_last, longest=(150, 200))
     padded = collate(examples, range(n), pad_id=0).to(DEVICE)
     packed = pack(examples, range(n), pad_id=0, capacity=2**62, multiple_of=FLEX_BLOCK).to(DEVICE)
     assert packed.input_ids.shape[0] == 1

@@ -14,20 +14,27 @@ from dpokit.model import load_model
 
 
 def _examples(
-    rng: random.Random, n: int, k: int = 2, vocab: int = 300, short: bool = False, empty_last: bool = False
+    rng: random.Random,
+    n: int,
+    k: int = 2,
+    vocab: int = 300,
+    short: bool = False,
+    empty_last: bool = False,
+    longest: tuple[int, int] = (20, 25),
 ) -> list[TokenizedExample]:
-    """Random examples; `short`: length-1 completions; `empty_last`: every other example's last completion has no
-    token left (what truncation leaves when the prompt fills max_length)."""
+    """Random examples, prompts of BOS + 0..longest[0] tokens and completions of 1..longest[1]; `short`: length-1
+    completions; `empty_last`: every other example's last completion has no token left (what truncation leaves when
+    the prompt fills max_length)."""
 
     def ids(lo: int, hi: int) -> tuple[int, ...]:
         return tuple(rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi)))
 
     examples = []
     for i in range(n):
-        completions = [ids(1, 1 if short else 25) for _ in range(k)]
+        completions = [ids(1, 1 if short else longest[1]) for _ in range(k)]
         if empty_last and i % 2 == 0:
             completions[-1] = ()
-        examples.append(TokenizedExample((1, *ids(0, 20)), tuple(completions), f"ex:{i}"))
+        examples.append(TokenizedExample((1, *ids(0, longest[0])), tuple(completions), f"ex:{i}"))
     return examples
 
 
