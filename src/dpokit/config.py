@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from dpokit.errors import UserError
+
 LossName = Literal["sigmoid", "ipo", "hinge", "dpo_nll", "plackett_luce", "unlikelihood", "sft"]
 ReferenceMode = Literal["copy", "path", "precomputed", "none"]
 DataFormat = Literal["auto", "standard", "conversational", "implicit", "pairs", "ranking", "completion", "text"]
@@ -28,7 +30,7 @@ Layout = Literal["auto", "padded", "packed"]
 WeightDtype = Literal["fp32", "bf16"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem a person can fix: the message names the key and what to do."""
 
 

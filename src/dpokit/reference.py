@@ -25,13 +25,14 @@ from dpokit.config import RunConfig
 from dpokit.data.collate import Batch
 from dpokit.data.pack import PackedBatch
 from dpokit.data.tokenize import TokenizedExample
+from dpokit.errors import UserError
 from dpokit.logprobs import batch_logps
 from dpokit.model import DTYPES, load_model
 
 ReferenceFn = Callable[[Batch | PackedBatch, str], Tensor]
 
 
-class ReferenceMismatch(ValueError):
+class ReferenceMismatch(UserError, ValueError):
     """The precomputed reference log-probs were made for other weights, tokenizer, data or settings."""
 
 

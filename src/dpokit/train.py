@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from dpokit import distributed
 from dpokit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_model
 from dpokit.config import RunConfig, save_config, to_dict
+from dpokit.errors import UserError
 from dpokit.logprobs import batch_logps
 from dpokit.losses import LOSSES, compute_loss
 from dpokit.model import DTYPES, load_model
@@ -199,7 +200,7 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many steps with a non-finite loss or gradient."""
 
 

@@ -6,13 +6,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpokit.errors import UserError
+
 EXAMPLES_PER_REASON = 3
 
 
 MAX_MESSAGES = 1000
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input a person can fix; the message names the file, the line and the field. `reason` is the short
     name it is counted under when rows are skipped (`data.on_error=skip`)."""
 
