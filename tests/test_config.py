@@ -4,6 +4,7 @@ import pytest
 
 from dpokit.cli import _config
 from dpokit.config import ConfigError, RunConfig, load_config, save_config
+from dpokit.losses import LOSSES, LossSpec, sigmoid_loss
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -77,3 +78,22 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
     config = load_config(None, ["loss.beta=0.5", "data.train_path=x.jsonl", "train.max_steps=3"])
     save_config(config, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == config
+
+
+def test_loss_rules_read_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which losses run reference-free, which read a hyper-parameter and which names exist all come from
+    `dpokit.losses.LOSSES`, messages included."""
+    with pytest.raises(ConfigError, match=r"reference-free\) is defined for loss.name=sigmoid, unlikelihood, sft only"):
+        load_config(None, ["loss.name=ipo", "reference.mode=none"])
+    with pytest.raises(ConfigError, match="loss.nll_alpha applies to loss.name=dpo_nll only, not sigmoid"):
+        load_config(None, ["loss.nll_alpha=0.5"])
+    assert load_config(None, ["loss.name=unlikelihood", "loss.unlikelihood_alpha=0.1"]).loss.unlikelihood_alpha == 0.1
+    with pytest.raises(ConfigError, match="loss.name: 'toy' is not one of"):
+        load_config(None, ["loss.name=toy"])
+    monkeypatch.setitem(LOSSES, "toy", LossSpec(sigmoid_loss, "pairs", "optional", {"beta": "beta"}))
+    assert load_config(None, ["loss.name=toy", "reference.mode=none"]).loss.name == "toy"
+    with pytest.raises(ConfigError, match="label_smoothing applies to loss.name=sigmoid only"):
+        load_config(None, ["loss.name=toy", "loss.label_smoothing=0.1"])
+    monkeypatch.setitem(LOSSES, "toy", LossSpec(sigmoid_loss, "pairs", "unused"))
+    with pytest.raises(ConfigError, match="loss.name=toy trains without a reference"):
+        load_config(None, ["loss.name=toy"])

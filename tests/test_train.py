@@ -228,6 +228,32 @@ def test_reference_free_and_other_losses_run(tiny_model: Path, hh_file: Path, tm
         assert math.isfinite(summary["train"]["loss"])
 
 
+def test_a_loss_registered_in_the_registry_alone_trains(
+    tiny_model: Path, hh_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adding a loss touches only `LOSSES`: config, data loading and the loop all read it from there. The toy loss
+    is softplus(1 − β·h), whose value at π_θ = π_ref (h = 0) is log(1 + e), not DPO's ln 2."""
+    import torch.nn.functional as F
+
+    from dpokit.losses import LOSSES, LossOutput, LossSpec
+
+    def toy_loss(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta
+    ) -> LossOutput:
+        h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+        rewards = beta * torch.stack(
+            [policy_chosen_logps - reference_chosen_logps, policy_rejected_logps - reference_rejected_logps], 1
+        )
+        return LossOutput(F.softplus(1 - beta * h), rewards.detach())
+
+    monkeypatch.setitem(LOSSES, "toy", LossSpec(toy_loss, "pairs", "required", {"beta": "beta"}))
+    summary = train(_config(tiny_model, hh_file, tmp_path / "toy", "train.max_steps=2", "loss.name=toy"))
+    metrics = _metrics(tmp_path / "toy")
+    assert metrics[0]["loss"] == pytest.approx(math.log(1 + math.e), abs=1e-4)
+    assert metrics[1]["rewards/margins"] != 0 and math.isfinite(metrics[1]["loss"])
+    assert summary["config"]["loss"]["name"] == "toy"
+
+
 def test_plackett_luce_on_rankings(tiny_model: Path, tmp_path: Path) -> None:
     rows = [
         {

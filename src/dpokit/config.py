@@ -18,8 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from dpokit.errors import UserError
+from dpokit.losses import LOSSES
 
-LossName = Literal["sigmoid", "ipo", "hinge", "dpo_nll", "plackett_luce", "unlikelihood", "sft"]
 ReferenceMode = Literal["copy", "path", "precomputed", "none"]
 DataFormat = Literal["auto", "standard", "conversational", "implicit", "pairs", "ranking", "completion", "text"]
 Optimizer = Literal["adamw", "rmsprop"]
@@ -102,8 +102,8 @@ class ReferenceConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: LossName = "sigmoid"
-    """Objective: sigmoid (DPO, Eq. 7), ipo, hinge, dpo_nll, plackett_luce, unlikelihood, sft."""
+    name: str = "sigmoid"
+    """Objective, a name in the loss registry `dpokit.losses.LOSSES`: sigmoid (DPO, Eq. 7), ipo, hinge, ..."""
     beta: float = 0.1
     """β: strength of the KL constraint toward π_ref."""
     label_smoothing: float = 0.0
@@ -118,8 +118,20 @@ class LossConfig:
             raise ConfigError(f"loss.beta must be positive, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.name != "sigmoid":
-            raise ConfigError("loss.label_smoothing applies to loss.name=sigmoid only")
+        spec = LOSSES.get(self.name)
+        if spec is None:
+            raise ConfigError(
+                f"loss.name: {self.name!r} is not one of: {', '.join(LOSSES)}{_suggest(self.name, LOSSES)}"
+            )
+        # A hyper-parameter the loss does not read would be silently ignored. β is left out: every loss but sft
+        # reads it, and configs share it across losses.
+        for f in dataclasses.fields(self):
+            if f.name not in ("name", "beta", *spec.hyperparameters.values()) and getattr(self, f.name) != f.default:
+                readers = [name for name, other in LOSSES.items() if f.name in other.hyperparameters.values()]
+                raise ConfigError(
+                    f"loss.{f.name} applies to loss.name={' or '.join(readers)} only, not {self.name}: "
+                    f"leave it at its default ({f.default})"
+                )
 
 
 @dataclass(frozen=True)
@@ -206,10 +218,15 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        if self.loss.name == "sft" and self.reference.mode != "none":
-            raise ConfigError("loss.name=sft trains without a reference: set reference.mode=none")
-        if self.reference.mode == "none" and self.loss.name not in ("sigmoid", "unlikelihood", "sft"):
-            raise ConfigError("reference.mode=none (reference-free) is defined for loss.name=sigmoid only")
+        name, mode = self.loss.name, self.reference.mode
+        if LOSSES[name].reference == "unused" and mode != "none":
+            raise ConfigError(f"loss.name={name} trains without a reference: set reference.mode=none")
+        if LOSSES[name].reference == "required" and mode == "none":
+            free = [n for n, spec in LOSSES.items() if spec.reference != "required"]
+            raise ConfigError(
+                f"reference.mode=none (reference-free) is defined for loss.name={', '.join(free)} only; "
+                f"loss.name={name} needs a reference (reference.mode=copy, path or precomputed)"
+            )
 
 
 def _suggest(key: str, options: typing.Iterable[str]) -> str:

@@ -1,16 +1,25 @@
-"""Preference losses as pure functions of per-sequence log-prob tensors.
+"""Preference losses as pure functions of per-sequence log-prob tensors, and the registry that names them.
 
 Notation: for a prompt x with K ranked completions y_1 ≻ … ≻ y_K (K = 2: chosen ≻ rejected), `policy_logps` and
 `reference_logps` hold log π(y_k|x), the sum of the completion's token log-probs. The implicit reward of the DPO
 paper (Rafailov et al. 2023, arXiv 2305.18290v3, Sec. 5) is r̂(x, y) = β·(log π_θ(y|x) − log π_ref(y|x)).
 
-Every function returns `(losses, rewards)`: per-example losses of shape (B,) and the detached implicit rewards of
-shape (B, K), column 0 the preferred completion. None of them sees a model, a batch or a config.
+Every function returns a `LossOutput`: per-example losses of shape (B,) and detached rewards of shape (B, K),
+column 0 the preferred completion. None of them sees a model, a batch or a config.
+
+Adding a loss: write the function, naming its tensor parameters from `compute_loss`'s vocabulary
+(`policy_chosen_logps`, `chosen_lengths`, `policy_logps`, ...), and add one `LossSpec` to `LOSSES`. The config
+validates `loss.name` and its rules against `LOSSES`, and the training loop calls `compute_loss`, so nothing else
+changes; a new hyper-parameter also needs its field in `config.LossConfig`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +30,7 @@ class LossOutput(NamedTuple):
     losses: Tensor
     """(B,) per-example loss."""
     rewards: Tensor
-    """(B, K) detached implicit rewards β·(log π_θ − log π_ref), column 0 preferred."""
+    """(B, K) detached implicit rewards β·(log π_θ − log π_ref), column 0 preferred (SFT: the log-probs)."""
 
 
 def _pair_rewards(
@@ -146,81 +155,122 @@ def plackett_luce_loss(policy_logps: Tensor, reference_logps: Tensor, beta: floa
 
 def unlikelihood_loss(
     policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
     policy_rejected_log1m: Tensor,
     chosen_lengths: Tensor,
     rejected_lengths: Tensor,
+    beta: float,
     alpha: float,
-) -> Tensor:
+) -> LossOutput:
     """Unlikelihood training on pairs (Welleck et al. 2019, arXiv 1908.04319v2, Eq. 4; the DPO paper's baseline):
 
     loss = −log π(y_w|x) / |y_w| − α · Σ_t log(1 − π(y_l,t | x, y_l,<t)) / |y_l|
 
     raises the likelihood of the preferred completion and pushes down every token of the dispreferred one.
-    `policy_rejected_log1m` is Σ_t log(1 − π(y_l,t|·)). Inputs are (B,); returns per-example losses (B,).
+    `policy_rejected_log1m` is Σ_t log(1 − π(y_l,t|·)). The reference and β only enter the reported implicit
+    rewards, not the loss. Inputs are (B,).
     """
-    return -policy_chosen_logps / chosen_lengths.clamp(min=1) - alpha * policy_rejected_log1m / rejected_lengths.clamp(
-        min=1
+    nll = -policy_chosen_logps / chosen_lengths.clamp(min=1)
+    unlikelihood = -policy_rejected_log1m / rejected_lengths.clamp(min=1)
+    rewards = _pair_rewards(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta
     )
+    return LossOutput(nll + alpha * unlikelihood, rewards)
 
 
 def sft_loss(policy_logps: Tensor) -> LossOutput:
     """Negative log-likelihood of the completion, summed over its tokens; the training loop divides by the
-    number of completion tokens in the whole batch, which gives the usual per-token mean. Input is (B,) or (B, 1)."""
+    number of completion tokens in the whole batch (`LossSpec.per_token`), which gives the usual per-token mean.
+    There is no implicit reward without a reference: `rewards` holds the detached log-probs. Input is (B, 1)."""
     policy_logps = policy_logps.reshape(policy_logps.shape[0], -1)
     return LossOutput(-policy_logps.sum(dim=1), policy_logps.detach())
 
 
-class LossSpec(NamedTuple):
-    pairwise: bool
-    """Needs exactly two completions per prompt."""
-    per_token: bool
-    """Normalise the batch loss by completion tokens instead of examples (SFT)."""
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: its function and the facts the config, the data pipeline and the training loop need."""
+
+    fn: Callable[..., LossOutput]
+    """Called by `compute_loss` with keywords: the tensors its parameters name, and its hyper-parameters."""
+    data: Literal["pairs", "ranked", "sft"]
+    """What each example holds: `pairs` (chosen, rejected: K = 2), `ranked` (K ≥ 2 completions in rank order),
+    `sft` (one completion)."""
+    reference: Literal["required", "optional", "unused"]
+    """`required`: needs π_ref; `optional`: also defined reference-free (reference.mode=none, log π_ref = 0);
+    `unused`: trains without one (reference.mode must be none)."""
+    hyperparameters: Mapping[str, str] = field(default_factory=dict)
+    """Keyword of `fn` -> the `LossConfig` field that supplies it, e.g. {"alpha": "nll_alpha"}."""
+    per_token: bool = False
+    """Normalise the step's loss by its completion tokens instead of its examples (SFT)."""
 
 
 LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(pairwise=True, per_token=False),
-    "ipo": LossSpec(pairwise=True, per_token=False),
-    "hinge": LossSpec(pairwise=True, per_token=False),
-    "dpo_nll": LossSpec(pairwise=True, per_token=False),
-    "plackett_luce": LossSpec(pairwise=False, per_token=False),
-    "unlikelihood": LossSpec(pairwise=True, per_token=False),
-    "sft": LossSpec(pairwise=False, per_token=True),
+    "sigmoid": LossSpec(sigmoid_loss, "pairs", "optional", {"beta": "beta", "label_smoothing": "label_smoothing"}),
+    "ipo": LossSpec(ipo_loss, "pairs", "required", {"beta": "beta"}),
+    "hinge": LossSpec(hinge_loss, "pairs", "required", {"beta": "beta"}),
+    "dpo_nll": LossSpec(dpo_nll_loss, "pairs", "required", {"beta": "beta", "alpha": "nll_alpha"}),
+    "plackett_luce": LossSpec(plackett_luce_loss, "ranked", "required", {"beta": "beta"}),
+    "unlikelihood": LossSpec(unlikelihood_loss, "pairs", "optional", {"beta": "beta", "alpha": "unlikelihood_alpha"}),
+    "sft": LossSpec(sft_loss, "sft", "unused", per_token=True),
 }
+"""Every loss `loss.name` can name. The config's rules (which hyper-parameters apply, which losses may run
+reference-free) and the data each run loads are read from here."""
+
+
+@functools.cache
+def _parameters(fn: Callable[..., LossOutput]) -> dict[str, bool]:
+    """Parameter name -> whether it has a default."""
+    return {name: p.default is not p.empty for name, p in inspect.signature(fn).parameters.items()}
 
 
 def compute_loss(
     name: str,
+    *,
     policy_logps: Tensor,
     reference_logps: Tensor,
     lengths: Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-    nll_alpha: float = 1.0,
     policy_log1m: Tensor | None = None,
-    unlikelihood_alpha: float = 1.0,
+    **settings: float,
 ) -> LossOutput:
-    """Dispatch by loss name on (B, K) tensors (K = 2 for pairwise losses, column 0 preferred).
-    `policy_log1m` (B, K), Σ_t log(1 − π(y_t|·)), is needed by `unlikelihood` only."""
-    if name == "sft":
-        return sft_loss(policy_logps)
-    if name == "plackett_luce":
-        return plackett_luce_loss(policy_logps, reference_logps, beta)
-    if policy_logps.shape[1] != 2:
-        raise ValueError(f"loss '{name}' needs 2 completions per prompt, got {policy_logps.shape[1]}")
-    pc, pr = policy_logps.unbind(1)
-    rc, rr = reference_logps.unbind(1)
-    lc, lr = lengths.unbind(1)
-    if name == "sigmoid":
-        return sigmoid_loss(pc, pr, rc, rr, beta, label_smoothing)
-    if name == "ipo":
-        return ipo_loss(pc, pr, rc, rr, lc, lr, beta)
-    if name == "hinge":
-        return hinge_loss(pc, pr, rc, rr, beta)
-    if name == "dpo_nll":
-        return dpo_nll_loss(pc, pr, rc, rr, lc, beta, nll_alpha)
-    if name == "unlikelihood":
-        if policy_log1m is None:
-            raise ValueError("the unlikelihood loss needs policy_log1m")
-        losses = unlikelihood_loss(pc, policy_log1m[:, 1], lc, lr, unlikelihood_alpha)
-        return LossOutput(losses, _pair_rewards(pc, pr, rc, rr, beta))
-    raise ValueError(f"unknown loss '{name}'; known: {', '.join(LOSSES)}")
+    """Look `name` up in `LOSSES` and call its function on (B, K) tensors (column 0 preferred).
+
+    `lengths` counts completion tokens; `policy_log1m` is Σ_t log(1 − π(y_t|·)) (for unlikelihood). `settings`
+    are `LossConfig` values by field name (beta, label_smoothing, ...); each loss gets those its spec names.
+    A loss function's tensor parameters are named from: policy_logps, reference_logps, lengths, policy_log1m
+    (all (B, K)) and, for pairwise losses, their (B,) columns policy_chosen_logps, policy_rejected_logps,
+    reference_chosen_logps, reference_rejected_logps, chosen_lengths, rejected_lengths, policy_chosen_log1m,
+    policy_rejected_log1m.
+    """
+    spec = LOSSES.get(name)
+    if spec is None:
+        raise ValueError(f"unknown loss '{name}'; known: {', '.join(LOSSES)}")
+    inputs: dict[str, Tensor | None] = {
+        "policy_logps": policy_logps,
+        "reference_logps": reference_logps,
+        "lengths": lengths,
+        "policy_log1m": policy_log1m,
+    }
+    if spec.data == "pairs":
+        if policy_logps.shape[1] != 2:
+            raise ValueError(f"loss '{name}' needs 2 completions per prompt, got {policy_logps.shape[1]}")
+        columns = {
+            "policy_{}_logps": policy_logps,
+            "reference_{}_logps": reference_logps,
+            "{}_lengths": lengths,
+            "policy_{}_log1m": policy_log1m,
+        }
+        for pattern, both in columns.items():
+            if both is not None:
+                inputs[pattern.format("chosen")], inputs[pattern.format("rejected")] = both.unbind(1)
+    kwargs: dict[str, object] = {}
+    for parameter, has_default in _parameters(spec.fn).items():
+        source = spec.hyperparameters.get(parameter)
+        value = inputs.get(parameter) if source is None else settings.get(source)
+        if value is not None:
+            kwargs[parameter] = value
+        elif not has_default:
+            wanted = f"the setting {source}" if source else f"the input {parameter}"
+            raise TypeError(f"loss '{name}' needs {wanted}, which compute_loss was not given (see its docstring)")
+    return spec.fn(**kwargs)

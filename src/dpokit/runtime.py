@@ -93,9 +93,7 @@ class SavedActivations:
 
 
 def data_use(config: RunConfig) -> Use:
-    if config.loss.name == "sft":
-        return "sft"
-    return "pairs" if LOSSES[config.loss.name].pairwise else "ranked"
+    return LOSSES[config.loss.name].data
 
 
 def load_tokenizer_and_data(config: RunConfig) -> tuple[Any, PreparedData]:

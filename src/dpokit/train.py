@@ -8,6 +8,7 @@ token count), so accumulation gives the same update as one large batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -84,17 +85,14 @@ def batch_loss(
     policy_logps, lengths, log1m = batch_logps(policy, batch, config.train.logits_chunk)
     with torch.no_grad():
         ref_logps = reference_logps(batch, split)
-    loss = config.loss
+    settings = dataclasses.asdict(config.loss)
     out = compute_loss(
-        loss.name,
-        policy_logps,
-        ref_logps.to(policy_logps.dtype),
-        lengths,
-        loss.beta,
-        loss.label_smoothing,
-        loss.nll_alpha,
-        log1m,
-        loss.unlikelihood_alpha,
+        settings.pop("name"),
+        policy_logps=policy_logps,
+        reference_logps=ref_logps.to(policy_logps.dtype),
+        lengths=lengths,
+        policy_log1m=log1m,
+        **settings,
     )
     stats = {
         "loss": float(out.losses.detach().sum()),
@@ -103,7 +101,7 @@ def batch_loss(
         "tokens": batch.num_tokens,
         "logps/chosen": float(policy_logps[:, 0].detach().sum()),
     }
-    if batch.num_completions >= 2 and loss.name != "sft":
+    if batch.num_completions >= 2:
         chosen, rejected = out.rewards[:, 0], out.rewards[:, 1]
         stats.update(
             {
