@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from activation_memory import SavedActivations  # noqa: E402
 from bench_dpo import PRESETS, _params, make_pairs, make_workload  # noqa: E402
 
+from dpokit.data.batching import FLEX_BLOCK  # noqa: E402
 from dpokit.data.pack import PackedBatch, pack  # noqa: E402
 from dpokit.data.tokenize import TokenizedExample  # noqa: E402
-from dpokit.runtime import FLEX_BLOCK  # noqa: E402
 
 GIB = 2**30
 
@@ -91,7 +92,7 @@ def saved_bytes_per_position(p: dict, mode: str) -> tuple[float, float]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dpokit.logprobs import packed_sequence_logps
-    from dpokit.runtime import SavedActivations, compile_layers, compiler_memory_budget
+    from dpokit.model import compile_layers, compiler_memory_budget
 
     def measure(n_layers: int) -> tuple[int, int]:
         torch._dynamo.reset()

@@ -9,11 +9,11 @@ import random
 import pytest
 import torch
 
+from dpokit.data.batching import FLEX_BLOCK
 from dpokit.data.collate import collate
 from dpokit.data.pack import pack
 from dpokit.logprobs import packed_sequence_logps, sequence_logps
 from dpokit.losses import sigmoid_loss
-from dpokit.runtime import FLEX_BLOCK
 from tests.test_pack import _examples
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -125,7 +125,7 @@ def test_chunked_logps_never_builds_full_logits() -> None:
 def test_block_sparse_layout_gives_the_padded_logps(tiny_model, n: int, short: bool, empty_last: bool) -> None:
     """FlexAttention with the BlockMask, all examples in one row: the padded path's log-probs. Forward only: PyTorch
     has no FlexAttention backward on CPU (training with it is for GPUs; `train` refuses it on CPU)."""
-    from dpokit.runtime import FLEX_BLOCK
+    from dpokit.data.batching import FLEX_BLOCK
 
     examples = _examples(random.Random(n), n, short=short, empty_last=empty_last)
     plain = load_model(str(tiny_model), attn_implementation="sdpa").float().eval()

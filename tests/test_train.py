@@ -325,11 +325,11 @@ def test_compiled_layers_give_the_same_losses(tiny_model: Path, hh_file: Path, t
 def test_compile_memory_budget_saves_fewer_activations(tiny_model: Path) -> None:
     """Every decoder layer is compiled, and a budget below 1 makes the compiler keep fewer activations for backward
     (the bytes autograd saves, counted once per storage, parameters excluded)."""
+    from bench.activation_memory import SavedActivations
     from dpokit.data.pack import pack
     from dpokit.data.tokenize import TokenizedExample
     from dpokit.logprobs import packed_sequence_logps
-    from dpokit.model import load_model
-    from dpokit.runtime import SavedActivations, compile_layers, compiler_memory_budget
+    from dpokit.model import compile_layers, compiler_memory_budget, load_model
 
     examples = [TokenizedExample((1, *range(5, 25)), (tuple(range(30, 60)), tuple(range(70, 90))), "x")] * 4
     batch = pack(examples, range(4), pad_id=0)

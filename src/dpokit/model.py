@@ -1,7 +1,9 @@
-"""Loading policies, references and tokenizers; `init-model` builds a small random Llama with its own BPE tokenizer."""
+"""Loading policies, references and tokenizers; compiling their layers; `init-model` builds a small random Llama with
+its own BPE tokenizer."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,28 @@ def load_model(
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place (dynamic shapes: packed rows change size every step). The layers
+    share their code, so one compilation serves them all; a decoder without a `layers` list is compiled whole."""
+    decoder = model.get_decoder()  # type: ignore[operator]
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList):
+        for layer in layers:
+            layer.compile(dynamic=True)
+    else:
+        decoder.compile(dynamic=True)
+
+
+def compiler_memory_budget(budget: float) -> contextlib.AbstractContextManager[None]:
+    """While compiling, keep only `budget` of the default saved activations (AOTAutograd's memory-budget
+    partitioner recomputes the cheapest operations in backward); 1.0 leaves the compiler's default."""
+    if budget >= 1.0:
+        return contextlib.nullcontext()
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(activation_memory_budget=budget)  # type: ignore[no-any-return]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:

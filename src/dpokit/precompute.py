@@ -4,24 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpokit.config import RunConfig
-from dpokit.model import DTYPES, load_model
+from dpokit.config import ConfigError, RunConfig
+from dpokit.data.batching import batches_in_order, collate_for
+from dpokit.data.prepare import prepare_data
+from dpokit.device import autocast_for, pick_device
+from dpokit.losses import LOSSES
+from dpokit.model import DTYPES, load_model, load_tokenizer
 from dpokit.reference import cache_parts, save_cache, score, tokenizer_digest, weights_digest
-from dpokit.runtime import (
-    autocast_for,
-    batches_in_order,
-    collate_for,
-    load_tokenizer_and_data,
-    pick_device,
-)
 
 
 def precompute_reference(config: RunConfig) -> Path:
     if not config.reference.cache:
-        raise ValueError("set reference.cache to the file precompute-ref should write")
+        raise ConfigError("precompute-ref writes to reference.cache: set it, e.g. reference.cache=runs/ref.safetensors")
     device = pick_device(config.train.device)
     autocast = autocast_for(config.train.precision, device)
-    tokenizer, data = load_tokenizer_and_data(config)
+    tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
+    data = prepare_data(config.data, tokenizer, LOSSES[config.loss.name].data)
     path = config.reference.path or config.model.path
     gguf = None if config.reference.path else config.model.gguf_file
     model = load_model(path, gguf, config.model.attn_implementation, DTYPES[config.model.dtype])

@@ -22,18 +22,14 @@ class Batch:
     indices: Tensor
     """(B,) positions of the examples in their data set (for precomputed reference log-probs)."""
     num_completions: int
+    num_completion_tokens: int
+    """Completion tokens in the batch (counted when it is built, so that reading it never waits for a device)."""
+    num_tokens: int
+    """Real (non-pad) tokens."""
 
     @property
     def num_examples(self) -> int:
         return int(self.indices.shape[0])
-
-    @property
-    def num_completion_tokens(self) -> int:
-        return int(self.completion_mask.sum())
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -42,6 +38,8 @@ class Batch:
             self.completion_mask.to(device),
             self.indices,
             self.num_completions,
+            self.num_completion_tokens,
+            self.num_tokens,
         )
 
 
@@ -59,4 +57,5 @@ def collate(examples: Sequence[TokenizedExample], indices: Sequence[int], pad_id
         input_ids[i, :n] = torch.tensor(prompt + completion)
         attention_mask[i, :n] = 1
         completion_mask[i, len(prompt) : n] = 1
-    return Batch(input_ids, attention_mask, completion_mask, torch.tensor(list(indices)), k)
+    tokens = (int(completion_mask.sum()), int(attention_mask.sum()))
+    return Batch(input_ids, attention_mask, completion_mask, torch.tensor(list(indices)), k, *tokens)

@@ -1,0 +1,77 @@
+"""Training statistics: summed where they are computed, brought to the host once per step, averaged, written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Stats = dict[str, Tensor | float]
+"""Statistics summed over a batch's examples: tensors where they were computed (on the device), counts as numbers."""
+
+
+def to_host(sums: Sequence[Stats]) -> dict[str, float]:
+    """Add up the statistics of several batches where they lie and bring them to the host in one transfer (each
+    `float(tensor)` would be a device synchronisation of its own)."""
+    total: Stats = {}
+    for stats in sums:
+        for k, v in stats.items():
+            total[k] = total[k] + v if k in total else v
+    on_device = [k for k, v in total.items() if isinstance(v, Tensor)]
+    if on_device:
+        values = torch.stack([torch.as_tensor(total[k]).float() for k in on_device]).tolist()
+        total |= dict(zip(on_device, values, strict=True))
+    return {k: float(v) for k, v in total.items()}
+
+
+def averaged(total: dict[str, float], per_token: bool) -> dict[str, float]:
+    """Summed statistics -> means per example (the loss per completion token for SFT), and the token count."""
+    sums = dict(total)
+    examples, tokens = sums.pop("examples"), sums.pop("tokens")
+    completion_tokens = sums.pop("completion_tokens")
+    means = {k: v / examples for k, v in sums.items()}
+    if per_token:
+        means["loss"] = sums["loss"] / completion_tokens
+    means["tokens"] = tokens
+    return means
+
+
+class MetricsLog:
+    """metrics.jsonl always; TensorBoard when it is installed. On resume, rows written after the checkpoint
+    (by the run that was killed) are dropped, so that the file reads as one uninterrupted run."""
+
+    def __init__(self, out: Path, resume_step: int) -> None:
+        path = out / "metrics.jsonl"
+        if resume_step and path.exists():
+            rows = [line for line in path.read_text(encoding="utf-8").splitlines() if _complete_row(line, resume_step)]
+            path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+        self.file = path.open("a" if resume_step else "w", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb: Any = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _complete_row(line: str, last_step: int) -> bool:
+    try:
+        return int(json.loads(line)["step"]) <= last_step
+    except (ValueError, KeyError, TypeError):
+        return False  # a line cut short by a kill
