@@ -258,7 +258,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_model, hh_file, tmp_path, m
 
 def test_flex_attention_training_on_cpu_is_refused_before_loading(tmp_path: Path) -> None:
     config = load_config(None, [f"train.output_dir={tmp_path}", "model.attn_implementation=flex_attention"])
-    with pytest.raises(ValueError, match="FlexAttention backward on CPU"):
+    with pytest.raises(ConfigError, match="FlexAttention backward on CPU"):
         train(config)
     assert not any(tmp_path.iterdir())
 

@@ -15,8 +15,13 @@ import torch
 
 from dpokit import distributed
 from dpokit.config import RunConfig, save_config
+from dpokit.errors import UserError
 
 STATE_FILE = "trainer_state.pt"
+
+
+class CheckpointMismatch(UserError):
+    """The checkpoint --resume found was written for another model."""
 
 
 def _write_model(model: Any, tokenizer: Any, out: Path, config: RunConfig) -> Path:
@@ -86,8 +91,9 @@ def load_training_state(path: Path, model: Any, optimizer: Any, scheduler: Any) 
     # Tied embeddings are saved once; anything else missing means a wrong checkpoint.
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        raise CheckpointMismatch(
+            f"checkpoint {path} does not match model.path's model (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}): resume with the model this run started from, or use another train.output_dir"
         )
     state = torch.load(path / STATE_FILE, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])

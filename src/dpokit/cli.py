@@ -1,27 +1,52 @@
-"""`dpokit <command> [CONFIG.yaml] [section.field=value ...]`."""
+"""`dpokit <command> [CONFIG.yaml] [section.field=value ...]`.
+
+The config schema (`config.py`) is the only place settings are declared: `--help` of the training commands lists
+every field with its default and docstring, and `preview`/`validate` take their data flags from `DataConfig`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import json
 import sys
+import textwrap
+import typing
 from collections.abc import Sequence
+from typing import Any, Literal
 
-from dpokit.config import ConfigError, RunConfig, apply_override, from_dict, load_raw
-from dpokit.data.report import DataError, DataReport
-from dpokit.reference import ReferenceMismatch
-from dpokit.train import NonFiniteError
+import yaml
+
+from dpokit.config import (
+    ConfigError,
+    DataConfig,
+    LossConfig,
+    RunConfig,
+    apply_override,
+    from_dict,
+    load_raw,
+    section,
+    section_from_dict,
+)
+from dpokit.errors import UserError
+from dpokit.losses import LOSSES
+
+PREVIEW_FIELDS = ("format", "text_field", "chat", "max_length", "max_prompt_length", "max_examples")
+VALIDATE_FIELDS = ("format", "text_field", "chat", "max_length", "max_prompt_length")
 
 
 def _config(path: str | None, overrides: Sequence[str], command: str) -> RunConfig:
     raw = load_raw(path)
     if command == "sft":
         # `dpokit sft` is SFT whatever the file says about losses, unless it says something else explicitly.
-        loss = raw.setdefault("loss", {}) or {}
+        loss = section(raw, "loss")
         if loss.get("name", "sft") != "sft":
             raise ConfigError(f"`dpokit sft` trains with loss.name=sft, but the config sets loss.name={loss['name']}")
         loss["name"] = "sft"
-        raw["loss"] = loss
-        raw.setdefault("reference", {})["mode"] = "none"
+        section(raw, "reference")["mode"] = "none"
     for override in overrides:
         apply_override(raw, override)
     return from_dict(raw)
@@ -32,9 +57,82 @@ def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return config, [a for a in args if a != config]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass, on one line (the schema documents itself there)."""
+    body = typing.cast(ast.ClassDef, ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]).body
+    docs = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _choices(cls: type, name: str) -> tuple[str, ...]:
+    if cls is LossConfig and name == "name":
+        return tuple(LOSSES)
+    tp = typing.get_type_hints(cls)[name]
+    return tuple(map(str, typing.get_args(tp))) if typing.get_origin(tp) is Literal else ()
+
+
+def schema_help() -> str:
+    """Every config field as `section.field = default`, its choices and its docstring."""
+    lines = ["config fields (set any with section.field=value; defaults shown):"]
+    for part in dataclasses.fields(RunConfig):
+        cls = typing.get_type_hints(RunConfig)[part.name]
+        for f in dataclasses.fields(cls):
+            choices = _choices(cls, f.name)
+            lines.append(
+                f"  {part.name}.{f.name} = {json.dumps(f.default)}" + (f"  ({' | '.join(choices)})" * bool(choices))
+            )
+            doc = field_docs(cls).get(f.name, "")
+            lines += textwrap.wrap(doc, 100, initial_indent=" " * 6, subsequent_indent=" " * 6, break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def _textual(tp: Any) -> bool:
+    """Whether a field holds text (str, a Literal of names, or either or None): its flag value is taken as given."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is not Literal else []
+    return tp is str or typing.get_origin(tp) is Literal or bool(args) and all(_textual(a) for a in args)
+
+
+def _add_data_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """One flag per `DataConfig` field named (`--max-length` for max_length), documented from the schema. A value is
+    read as in an override (YAML: `null`, numbers) unless the field holds text; a flag not given leaves the default."""
+    defaults, hints = {f.name: f.default for f in dataclasses.fields(DataConfig)}, typing.get_type_hints(DataConfig)
+    for name in names:
+        choices = _choices(DataConfig, name)
+        one_of = f"one of {', '.join(choices)}; " if choices else ""
+        doc = f"{field_docs(DataConfig)[name]} (data.{name}, {one_of}default: {json.dumps(defaults[name])})"
+        flag = "--" + name.replace("_", "-")
+        if hints[name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=doc)
+        else:
+            parse = str if _textual(hints[name]) else yaml.safe_load
+            parser.add_argument(
+                flag, type=parse, default=argparse.SUPPRESS, choices=choices or None, metavar=name.upper(), help=doc
+            )
+
+
+def _data_config(args: argparse.Namespace, names: Sequence[str], **fixed: Any) -> DataConfig:
+    """The `DataConfig` the flags describe, checked by the schema like a config file's `data` section."""
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return section_from_dict(DataConfig, {"train_path": args.data, **fixed, **given}, "data")
+
+
+def _parser() -> argparse.ArgumentParser:
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of errors in input too"
+    )
     parser = argparse.ArgumentParser(
-        prog="dpokit", description="Direct Preference Optimization for Hugging Face causal LMs."
+        prog="dpokit", description="Direct Preference Optimization for Hugging Face causal LMs.", parents=[debug]
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
@@ -42,36 +140,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("dpo", "preference optimisation (DPO and its variants) against a reference model"),
         ("precompute-ref", "compute reference log-probs once and save them for reuse (reference.cache)"),
     ):
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=text,
+            parents=[debug],
+            epilog=schema_help(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("args", nargs="*", help="CONFIG.yaml and section.field=value overrides")
         if name != "precompute-ref":
             p.add_argument(
                 "--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir"
             )
-    p = sub.add_parser("preview", help="show which tokens are prompt and which are trained, with counts")
-    p.add_argument("data", help="data file or save_to_disk folder")
+    p = sub.add_parser(
+        "preview", help="show which tokens are prompt and which are trained, with counts", parents=[debug]
+    )
+    p.add_argument("data", help="data file or save_to_disk folder (data.train_path)")
     p.add_argument("--model", required=True, help="model folder or .gguf file (for its tokenizer)")
-    p.add_argument("--format", default="auto")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-prompt-length", type=int, default=256)
-    p.add_argument("-n", "--examples", type=int, default=3)
+    _add_data_flags(p, PREVIEW_FIELDS)
+    p.add_argument("-n", "--examples", type=int, default=3, help="examples to show (default: 3)")
     p.add_argument("--sft", action="store_true", help="preview SFT examples (one completion each)")
     p.add_argument("--plain", action="store_true", help="no colours")
-    p = sub.add_parser("demo", help="the paper's controlled-sentiment experiment (IMDb): reward/KL frontier of DPO")
-    p.add_argument("--quick", action="store_true", help="a smaller version (about 2 minutes on 2 cores)")
+    p = sub.add_parser(
+        "demo", help="the paper's controlled-sentiment experiment (IMDb): reward/KL frontier of DPO", parents=[debug]
+    )
+    p.add_argument("--quick", action="store_true", help="a smaller version (under a minute on 2 cores)")
     p.add_argument("--out", help="output folder (default runs/demo or runs/demo-quick); stages are cached there")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0 1; --quick: 0)")
     p.add_argument("--imdb", help="movie_review.jsonl.gz (default: ../shared/data/imdb-text2vec)")
     p.add_argument("--vader", help="movieReviewSnippets_GroundTruth.txt (default: ../shared/data/vader-movie-snippets)")
-    p = sub.add_parser("validate", help="check a data file: every malformed row with file:line and field, and counts")
-    p.add_argument("data", help="data file or save_to_disk folder")
-    p.add_argument("--format", default="auto")
-    p.add_argument("--text-field", default="text")
+    p = sub.add_parser(
+        "validate", help="check a data file: every malformed row with file:line and field, and counts", parents=[debug]
+    )
+    p.add_argument("data", help="data file or save_to_disk folder (data.train_path)")
+    _add_data_flags(p, VALIDATE_FIELDS)
     p.add_argument("--sft", action="store_true", help="validate for SFT (one completion per example)")
     p.add_argument("--model", help="also tokenize with this model's tokenizer and count truncations and drops")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-prompt-length", type=int, default=256)
-    p = sub.add_parser("init-model", help="create a small random Llama with a BPE tokenizer trained on a data file")
+    p = sub.add_parser(
+        "init-model", help="create a small random Llama with a BPE tokenizer trained on a data file", parents=[debug]
+    )
     p.add_argument("--data", required=True, help="data file whose text trains the tokenizer")
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=2048)
@@ -81,10 +189,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-rows", type=int, default=20000, help="rows of text used to train the tokenizer")
     p.add_argument("--text-field", default="text", help="field of plain-text rows (e.g. review)")
     p.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (ConfigError, DataError, ReferenceMismatch, NonFiniteError, FileNotFoundError, ValueError) as e:
+    except UserError as e:
+        # Bad input, settings or environment: one line that says what to fix. Anything else is a bug and keeps
+        # its traceback; --debug shows it for these too.
+        if getattr(args, "debug", False):
+            raise
         print(f"dpokit {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -109,22 +225,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"done: {config.train.output_dir}/final  {final}")
         return 0
     if args.command == "preview":
-        from dpokit.config import DataConfig
-        from dpokit.data.prepare import prepare_data
-        from dpokit.model import load_tokenizer
-        from dpokit.preview import render
-
-        tokenizer = load_tokenizer(args.model)
-        data_config = DataConfig(
-            train_path=args.data,
-            format=args.format,
-            max_length=args.max_length,
-            max_prompt_length=args.max_prompt_length,
-            on_error="skip",
-        )
-        data = prepare_data(data_config, tokenizer, "sft" if args.sft else "pairs")
-        print(render(tokenizer, data.train, data.train_report, args.examples, args.plain or not sys.stdout.isatty()))
-        return 0
+        return _preview(args)
     if args.command == "demo":
         from pathlib import Path
 
@@ -153,20 +254,35 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _preview(args: argparse.Namespace) -> int:
+    from dpokit.data.prepare import prepare_data
+    from dpokit.model import load_tokenizer
+    from dpokit.preview import render
+
+    data_config = _data_config(args, PREVIEW_FIELDS, on_error="skip")
+    tokenizer = load_tokenizer(args.model)
+    data = prepare_data(data_config, tokenizer, "sft" if args.sft else "pairs")
+    print(render(tokenizer, data.train, data.train_report, args.examples, args.plain or not sys.stdout.isatty()))
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     """Exit 0 when every row is usable (content quirks are counted, not failures), 1 when some rows are malformed."""
     from dpokit.data.formats import Use, load_records
-    from dpokit.data.report import MAX_MESSAGES
+    from dpokit.data.report import MAX_MESSAGES, DataReport
     from dpokit.data.tokenize import tokenize_records
 
+    data = _data_config(args, VALIDATE_FIELDS)
     report = DataReport()
     use: Use = "sft" if args.sft else "pairs"
-    records, _ = load_records(args.data, args.format, use, "skip", report, args.text_field)
+    records, _ = load_records(
+        data.train_path, data.format, use, "skip", report, text_field=data.text_field, chat=data.chat
+    )
     if args.model:
         from dpokit.model import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
-        tokenize_records(records, tokenizer, args.max_length, args.max_prompt_length, report)
+        tokenize_records(records, tokenizer, data.max_length, data.max_prompt_length, report)
     for message in report.messages:
         print(message)
     if len(report.messages) == MAX_MESSAGES:

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -28,6 +28,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 OnError = Literal["raise", "skip"]
 Layout = Literal["auto", "padded", "packed"]
 WeightDtype = Literal["fp32", "bf16"]
+T = TypeVar("T")
 
 
 class ConfigError(UserError, ValueError):
@@ -301,15 +302,29 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     parts = key.strip().split(".")
     node = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{override}': '{part}' is not a section")
+        node = section(node, part, f"override '{override}': ")
     node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def section(raw: dict[str, Any], name: str, where: str = "") -> dict[str, Any]:
+    """`raw[name]` as a mapping, made empty when missing or written with nothing under it (`reference:`)."""
+    if raw.get(name) is None:
+        raw[name] = {}
+    if not isinstance(raw[name], dict):
+        raise ConfigError(f"{where}'{name}' is not a section (a mapping of fields), it holds {raw[name]!r}")
+    return typing.cast(dict[str, Any], raw[name])
+
+
+def section_from_dict(cls: type[T], raw: dict[str, Any], where: str) -> T:
+    """One section (e.g. `DataConfig`) from a raw mapping, with the checks and messages of a whole config."""
+    return typing.cast(T, _build(cls, raw, where))
 
 
 def load_raw(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
+    if not Path(path).is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
     text = Path(path).read_text(encoding="utf-8")
     try:
         raw = yaml.safe_load(text) or {}

@@ -12,6 +12,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
+from dpokit.config import ConfigError
 from dpokit.data.collate import Batch
 from dpokit.data.pack import PackedBatch
 
@@ -76,10 +77,10 @@ def _plain_head(model: torch.nn.Module) -> Tensor:
     config = model.config  # type: ignore[union-attr]
     for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(config, name, None) not in (None, 1, 1.0):
-            raise NotImplementedError(f"{type(model).__name__} transforms its logits ({name}); use train.layout=padded")
+            raise ConfigError(f"{type(model).__name__} transforms its logits ({name}); use train.layout=padded")
     head = model.get_output_embeddings()  # type: ignore[operator]
     if head is None or getattr(head, "bias", None) is not None:
-        raise NotImplementedError(f"{type(model).__name__} has no plain linear LM head; use train.layout=padded")
+        raise ConfigError(f"{type(model).__name__} has no plain linear LM head; use train.layout=padded")
     return head.weight
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from dpokit.errors import UserError
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -17,6 +19,10 @@ CHAT_TEMPLATE = (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """`model.dtype` names -> torch dtypes."""
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+class ModelError(UserError):
+    """A model or tokenizer that cannot be used as given: a missing path, a tokenizer without an EOS token."""
 
 
 def split_model_path(path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
@@ -28,8 +34,10 @@ def split_model_path(path: str, gguf_file: str | None = None) -> tuple[str, str 
 
 
 def _check_path(path: str) -> None:
+    if not path:
+        raise ModelError("no model given: set model.path to a local Hugging Face model folder or a .gguf file")
     if not Path(path).exists():
-        raise FileNotFoundError(
+        raise ModelError(
             f"model path '{path}' does not exist; give a local Hugging Face model folder or a .gguf file "
             "(dpokit never downloads models)"
         )
@@ -42,7 +50,10 @@ def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
     _check_path(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer at '{path}' has no EOS token; completions need one to end")
+        raise ModelError(
+            f"the tokenizer at '{path}' has no EOS token, and completions need one to end: set eos_token in its "
+            "tokenizer_config.json, or use another model"
+        )
     if tokenizer.pad_token_id is None:
         # Pad positions are masked out of attention and loss, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from dpokit.config import RunConfig
+from dpokit.config import ConfigError, RunConfig
 from dpokit.data.collate import Batch
 from dpokit.data.pack import PackedBatch
 from dpokit.data.tokenize import TokenizedExample
@@ -110,7 +110,7 @@ PART_NAMES = {
 def check_cache(path: str | Path, parts: dict[str, str]) -> None:
     """Compare a cache's digests with this run's; raise naming every part that differs."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"reference.cache '{path}' does not exist; make it with `dpokit precompute-ref`")
+        raise ConfigError(f"reference.cache '{path}' does not exist; make it with `dpokit precompute-ref`")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     differ = [PART_NAMES[k] for k, v in parts.items() if meta.get(f"digest/{k}") != v]

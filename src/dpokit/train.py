@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from dpokit import distributed
 from dpokit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_model
-from dpokit.config import RunConfig, save_config, to_dict
+from dpokit.config import ConfigError, RunConfig, save_config, to_dict
 from dpokit.data.batching import AnyBatch, Collate, batches_in_order, collate_for, step_examples
 from dpokit.data.prepare import PreparedData, prepare_data
+from dpokit.data.report import DataError
 from dpokit.device import autocast_for, pick_device, seed_everything
 from dpokit.errors import UserError
 from dpokit.logprobs import batch_logps
@@ -238,7 +239,7 @@ def set_up(config: RunConfig, resume: bool) -> Run:
     t = config.train
     device = pick_device(t.device)
     if device.type == "cpu" and config.model.attn_implementation == "flex_attention":
-        raise ValueError(
+        raise ConfigError(
             "model.attn_implementation=flex_attention trains on GPUs only: PyTorch has no FlexAttention backward on "
             "CPU. Use sdpa on CPU (precompute-ref, which runs no backward, accepts flex_attention anywhere)."
         )
@@ -246,13 +247,16 @@ def set_up(config: RunConfig, resume: bool) -> Run:
     seed_everything(t.seed, t.deterministic)
     tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
     data = prepare_data(config.data, tokenizer, LOSSES[config.loss.name].data)
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
     for line in data.train_report.lines():
         print(f"[data] {line}")
     if len(data.train) < t.batch_size:
-        raise ValueError(f"{len(data.train)} training examples are fewer than train.batch_size={t.batch_size}")
+        raise DataError(
+            f"{config.data.train_path}: {len(data.train)} training examples (counts above) are fewer than "
+            f"train.batch_size={t.batch_size}; lower train.batch_size or give more data"
+        )
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
     total_steps = t.max_steps if t.max_steps is not None else t.epochs * (len(data.train) // t.batch_size)
     policy, reference_logps = load_models(config, device, tokenizer, data)
     optimizer = make_optimizer(config, policy)

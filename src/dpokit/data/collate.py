@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dpokit.data.report import DataError
 from dpokit.data.tokenize import TokenizedExample
 
 
@@ -43,10 +44,20 @@ class Batch:
         )
 
 
-def collate(examples: Sequence[TokenizedExample], indices: Sequence[int], pad_id: int) -> Batch:
+def check_same_completions(examples: Sequence[TokenizedExample]) -> int:
+    """K, the number of completions every example of a batch has (rankings of one length)."""
     k = len(examples[0].completion_ids)
-    if any(len(e.completion_ids) != k for e in examples):
-        raise ValueError("every example in a batch needs the same number of completions")
+    for e in examples:
+        if len(e.completion_ids) != k:
+            raise DataError(
+                f"{e.source} has {len(e.completion_ids)} completions and {examples[0].source} has {k}: every "
+                "ranking of a data set needs the same number of responses"
+            )
+    return k
+
+
+def collate(examples: Sequence[TokenizedExample], indices: Sequence[int], pad_id: int) -> Batch:
+    k = check_same_completions(examples)
     rows = [(e.prompt_ids, c) for e in examples for c in e.completion_ids]
     width = max(len(p) + len(c) for p, c in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dpokit.data.collate import check_same_completions
+from dpokit.data.report import DataError
 from dpokit.data.tokenize import TokenizedExample
 
 
@@ -122,9 +124,7 @@ def pack(
 ) -> PackedBatch:
     """Pack examples (prompt once, then each completion) into rows of at most `capacity` tokens (at least the longest
     example); rows are as wide as the fullest one, rounded up to `multiple_of`. See the module docstring."""
-    k = len(examples[0].completion_ids)
-    if any(len(e.completion_ids) != k for e in examples):
-        raise ValueError("every example in a batch needs the same number of completions")
+    k = check_same_completions(examples)
     sizes = [len(e.prompt_ids) + sum(len(c) for c in e.completion_ids) for e in examples]
     rows = first_fit_decreasing(sizes, max(max(sizes), capacity))
     fullest = max(sum(sizes[b] for b in row) for row in rows)
@@ -142,7 +142,10 @@ def pack(
             example = examples[b]
             n_prompt = len(example.prompt_ids)
             if n_prompt == 0:
-                raise ValueError(f"{example.source}: an example needs at least one prompt token (e.g. BOS)")
+                raise DataError(
+                    f"{example.source}: the prompt has no token; the packed layout needs at least one (e.g. a "
+                    "tokenizer that adds BOS), or use train.layout=padded"
+                )
             span = slice(offset, offset + n_prompt)
             input_ids[r, span] = torch.tensor(example.prompt_ids)
             position_ids[r, span] = torch.arange(n_prompt)
