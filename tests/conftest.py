@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The shared data folder: $DPOKIT_DATA_DIR (as `dpokit demo` reads it), else ../shared/data next to this checkout.
+SHARED = Path(os.environ.get("DPOKIT_DATA_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 HH = {
     name: SHARED / "hh-rlhf" / name / "test.jsonl.gz"
     for name in ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")

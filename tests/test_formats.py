@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dpokit.data.formats import Record, load_records
+from dpokit.data.formats import FORMATS, Record, RowContext, RowFormat, detect_format, load_records
 from dpokit.data.report import DataError
 from tests.conftest import HH, IMDB, ULTRAFEEDBACK_EVAL, ULTRAFEEDBACK_TRAIN, VADER, write_jsonl
 
@@ -204,3 +204,34 @@ def test_hh_transcripts_as_chat_messages() -> None:
     assert prompt[0]["role"] == "user" and prompt[-1]["role"] == "user"
     assert chosen[0]["role"] == rejected[0]["role"] == "assistant"
     assert not chosen[0]["content"].startswith(" ")
+
+
+def test_a_row_format_is_one_function_and_one_table_entry(tmp_path: Path, monkeypatch) -> None:
+    """A toy comparisons format ({post, summaries, choice}) added to the table alone is detected, read, and its
+    fields become another format's unexpected fields."""
+
+    def comparison_rows(row: dict, ctx: RowContext) -> list[Record]:
+        better = row["summaries"][row["choice"]]
+        return [Record(row["post"], (better, row["summaries"][1 - row["choice"]]), ctx.where)]
+
+    toy = RowFormat("comparison", ("post", "summaries", "choice"), comparison_rows)
+    monkeypatch.setitem(FORMATS, "comparison", toy)
+    path = write_jsonl(tmp_path / "c.jsonl", [{"post": "p", "summaries": ["a", "b"], "choice": 1, "id": 3}])
+    records, report = load_records(path)
+    assert records == [Record("p", ("b", "a"), f"{path}:1")] and report.ignored_fields == {"id": 1}
+    path = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "choice": 0}])
+    with pytest.raises(DataError, match=r"s.jsonl:1: unexpected field 'choice' in a standard row"):
+        load_records(path)
+
+
+def test_every_row_format_can_be_configured() -> None:
+    from typing import get_args
+
+    from dpokit.config import DataFormat
+
+    assert set(get_args(DataFormat)) == {"auto", *FORMATS}
+
+
+def test_unknown_fields_name_the_configured_text_field() -> None:
+    with pytest.raises(DataError, match=r"f:1: cannot tell the format from fields \['body'\]; expected .* or review$"):
+        detect_format({"body": "x"}, "f:1", text_field="review")

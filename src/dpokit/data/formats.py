@@ -1,30 +1,30 @@
-"""Adapters: data files -> typed records with the prompt and K completions in preference order.
+"""Adapters: rows -> typed records with the prompt and K completions in preference order.
 
-Files: JSON lines (`.jsonl`, `.jsonl.gz`), JSON (`.json`, a list of rows), Parquet (`.parquet`), or a folder
-written by `datasets.Dataset.save_to_disk`. Row formats (`data.format`, detected from the first row by `auto`):
+Rows come from `readers.py` (JSON lines, JSON, Parquet, tab-separated text, `save_to_disk` folders). Row formats
+(`data.format`; `auto` takes the first in `FORMATS` whose fields the first row has):
 
-- standard:       {prompt, chosen, rejected} strings
-- conversational: the same fields as lists of {role, content} messages (chat template applies)
-- implicit:       {chosen, rejected} whole transcripts (Anthropic HH `\\n\\nHuman: … \\n\\nAssistant: …`, or
-                  message lists), split at the last assistant turn
 - pairs:          {prompt, responses: [...], pairs: [[winner, loser], ...]}
 - ranking:        {prompt, responses: [...], ranking: [best, ..., worst]} (indices into responses)
+- conversational: {prompt, chosen, rejected} as lists of {role, content} messages (chat template applies)
+- standard:       {prompt, chosen, rejected} strings
+- implicit:       {chosen, rejected} whole transcripts (Anthropic HH `\\n\\nHuman: … \\n\\nAssistant: …`, or
+                  message lists), split at the last assistant turn
 - completion:     {prompt, completion} (SFT)
 - text:           {text} (SFT on plain text; `text_field` names another field, e.g. `review`)
 
-Tab-separated `.tsv`/`.txt` files without a header read as text rows: the last field is the text.
+Adding a row format: write one function `(row, RowContext) -> list[Record]` and add one `RowFormat` to `FORMATS`
+(where it belongs in detection order), plus its name in `config.DataFormat`.
 """
 
 from __future__ import annotations
 
-import gzip
 import itertools
-import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dpokit.data.readers import iter_rows
 from dpokit.data.report import DataError, DataReport
 
 Message = dict[str, str]
@@ -45,122 +45,6 @@ class Record:
     @property
     def is_chat(self) -> bool:
         return isinstance(self.prompt, list)
-
-
-def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield (`file:line`, row) for every row of a data file or `save_to_disk` folder. A row that cannot be
-    parsed is yielded as a `DataError` so that the caller decides whether to raise or skip."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if path.is_dir():
-        import datasets
-
-        table = datasets.load_from_disk(str(path))
-        if isinstance(table, datasets.DatasetDict):
-            raise DataError(f"{path}: a DatasetDict folder; point data.train_path at one split's folder")
-        for i, row in enumerate(table):
-            yield f"{path}:{i + 1}", row
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}:{i + 1}", row
-    elif path.suffix in (".tsv", ".txt"):
-        # Tab-separated text without a header: the last field is the text, the others are kept as `fields`.
-        with path.open("rb") as f:
-            for i, raw in enumerate(f):
-                where = f"{path}:{i + 1}"
-                try:
-                    line = raw.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as e:
-                    yield where, DataError(f"{where}: bytes that are not UTF-8 at offset {e.start}", "not_utf8")
-                    continue
-                if line.strip():
-                    *fields, text = line.split("\t")
-                    yield where, {"text": text, "fields": fields}
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: not valid JSON: {e}") from e
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a .json data file must hold a list of rows (use .jsonl for one row per line)")
-        for i, row in enumerate(data):
-            yield f"{path}:{i + 1}", row
-    else:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as f:
-            for i, raw in enumerate(f):
-                where = f"{path}:{i + 1}"
-                if not raw.strip():
-                    continue
-                try:
-                    yield where, json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    yield where, DataError(f"{where}: bytes that are not UTF-8 at offset {e.start}", "not_utf8")
-                except json.JSONDecodeError as e:
-                    yield where, DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})", "invalid_json")
-                except RecursionError:
-                    yield where, DataError(f"{where}: invalid JSON: nested too deeply", "invalid_json")
-
-
-def sniff_format(path: str | Path, text_field: str = "text") -> str:
-    """The format of the first well-formed row of a file."""
-    for where, row in iter_rows(path):
-        if not isinstance(row, DataError):
-            return detect_format(row, where, text_field)
-    raise DataError(f"{path}: no readable row", "empty_file")
-
-
-def detect_format(row: Any, where: str, text_field: str = "text") -> str:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "not_an_object")
-    keys = set(row)
-    if {"prompt", "responses", "pairs"} <= keys:
-        return "pairs"
-    if {"prompt", "responses", "ranking"} <= keys:
-        return "ranking"
-    if {"prompt", "chosen", "rejected"} <= keys:
-        return "conversational" if isinstance(row["prompt"], list) else "standard"
-    if {"chosen", "rejected"} <= keys:
-        return "implicit"
-    if {"prompt", "completion"} <= keys:
-        return "completion"
-    if text_field in keys:
-        return "text"
-    raise DataError(
-        f"{where}: cannot tell the format from fields {sorted(keys)}; expected prompt/chosen/rejected, "
-        "chosen/rejected, prompt/responses/pairs, prompt/responses/ranking, prompt/completion or text",
-        "unknown_format",
-    )
-
-
-FORMAT_FIELDS = {
-    "standard": {"prompt", "chosen", "rejected"},
-    "conversational": {"prompt", "chosen", "rejected"},
-    "implicit": {"chosen", "rejected"},
-    "pairs": {"prompt", "responses", "pairs"},
-    "ranking": {"prompt", "responses", "ranking"},
-    "completion": {"prompt", "completion"},
-    "text": set(),
-}
-STRUCTURAL_FIELDS = set().union(*FORMAT_FIELDS.values(), {"text"})
-
-
-def _check_fields(row: dict[str, Any], fmt: str, where: str, report: DataReport, text_field: str) -> None:
-    """A field of another format is an error (a file holds one format); other extra fields are read past and counted."""
-    expected = FORMAT_FIELDS.get(fmt, set()) | ({text_field} if fmt == "text" else set())
-    for key in row:
-        if key in expected:
-            continue
-        if key in STRUCTURAL_FIELDS or key == text_field:
-            raise DataError(
-                f"{where}: unexpected field '{key}' in a {fmt} row (fields {sorted(expected)}); "
-                "one file holds one format, or set data.format",
-                "unexpected_field",
-            )
-        report.ignored_fields[str(key)] += 1
 
 
 class EmptyCompletion(Exception):
@@ -251,86 +135,199 @@ def _indices(value: Any, n: int, name: str, where: str) -> list[int]:
     return value
 
 
+@dataclass(frozen=True)
+class RowContext:
+    """What a row format needs besides the row: what the records are for, where the row is, where quirks go."""
+
+    use: Use
+    where: str
+    report: DataReport
+    text_field: str = "text"
+
+
+def _preference(prompt: Text, chosen: Text, rejected: Text, ctx: RowContext) -> list[Record]:
+    """One chosen/rejected pair (for SFT: the chosen completion alone); identical completions are skipped."""
+    if ctx.use == "sft":
+        return [Record(prompt, (chosen,), ctx.where)]
+    return _pair_records(prompt, [(chosen, rejected)], ctx)
+
+
+def _pair_records(prompt: Text, pairs: Iterable[tuple[Text, Text]], ctx: RowContext) -> list[Record]:
+    """A record per (better, worse) pair, skipping and counting pairs whose two completions are the same."""
+    records = []
+    for better, worse in pairs:
+        if better == worse:
+            ctx.report.skip("identical_chosen_rejected", ctx.where)
+            continue
+        records.append(Record(prompt, (better, worse), ctx.where))
+    return records
+
+
+def _no_preference(kind: str, ctx: RowContext) -> None:
+    if ctx.use != "sft":
+        raise DataError(f"{ctx.where}: {kind} rows have no preference; use them with `dpokit sft`", "wrong_format")
+
+
+# --- one function per row format -------------------------------------------------------------------------------
+def pairs_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
+    prompt, responses = _responses(row, ctx.where)
+    pairs = row["pairs"]
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise DataError(f"{ctx.where}: field 'pairs' must be a list of [winner, loser] index pairs", "wrong_type")
+    if ctx.use == "sft":
+        winners = dict.fromkeys(_indices([p[0] for p in pairs], len(responses), "pairs", ctx.where))
+        return [Record(prompt, (responses[w],), ctx.where) for w in winners]
+
+    def indexed() -> Iterator[tuple[Text, Text]]:
+        for w, lo in pairs:  # checked one pair at a time, as the records are made
+            _indices([w, lo], len(responses), "pairs", ctx.where)
+            yield responses[w], responses[lo]
+
+    return _pair_records(prompt, indexed(), ctx)
+
+
+def ranking_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
+    prompt, responses = _responses(row, ctx.where)
+    ranking = _indices(row["ranking"], len(responses), "ranking", ctx.where)
+    if len(set(ranking)) != len(ranking) or len(ranking) < 2:
+        raise DataError(f"{ctx.where}: field 'ranking' must list at least 2 distinct response indices", "bad_index")
+    ranked = [responses[i] for i in ranking]
+    if ctx.use == "sft":
+        return [Record(prompt, (ranked[0],), ctx.where)]
+    if ctx.use == "ranked":
+        return [Record(prompt, tuple(ranked), ctx.where)]
+    return _pair_records(prompt, itertools.combinations(ranked, 2), ctx)
+
+
+def conversational_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
+    chosen = _field(row, "chosen", ctx.where, chat=True)
+    rejected = _field(row, "rejected", ctx.where, chat=True)
+    return _preference(_field(row, "prompt", ctx.where, chat=True, completion=False), chosen, rejected, ctx)
+
+
+def standard_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
+    chosen = _field(row, "chosen", ctx.where, chat=False)
+    rejected = _field(row, "rejected", ctx.where, chat=False)
+    return _preference(_field(row, "prompt", ctx.where, chat=False, completion=False), chosen, rejected, ctx)
+
+
+def implicit_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
+    chosen = _field(row, "chosen", ctx.where)
+    rejected = _field(row, "rejected", ctx.where, chat=isinstance(chosen, list))
+    split = _split_implicit(chosen, rejected, ctx.where)
+    if split is None:
+        ctx.report.skip("prompt_mismatch", ctx.where)
+        return []
+    return _preference(*split, ctx)
+
+
+def completion_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
+    _no_preference("prompt/completion", ctx)
+    prompt = _field(row, "prompt", ctx.where, completion=False)
+    return [Record(prompt, (_field(row, "completion", ctx.where, chat=isinstance(prompt, list)),), ctx.where)]
+
+
+def text_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
+    _no_preference("plain-text", ctx)
+    return [Record("", (_field(row, ctx.text_field, ctx.where, chat=False),), ctx.where)]
+
+
+# --- the table ---------------------------------------------------------------------------------------------------
+TEXT = "text"
+"""Stands for the field `data.text_field` names in a format's fields."""
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    name: str
+    fields: tuple[str, ...]
+    """The fields a row of this format has (all of them), in the order the docs list them."""
+    to_records: Callable[[dict[str, Any], RowContext], list[Record]]
+    matches: Callable[[dict[str, Any]], bool] = lambda row: True
+    """For detection, when two formats share their fields: does this row belong to this one?"""
+
+    def field_names(self, text_field: str) -> tuple[str, ...]:
+        return tuple(text_field if f == TEXT else f for f in self.fields)
+
+
+FORMATS: dict[str, RowFormat] = {
+    f.name: f
+    for f in (
+        # Detection order: `auto` takes the first whose fields a row has (and that `matches` it), so a format
+        # whose fields include another's comes before it: standard before implicit.
+        RowFormat("pairs", ("prompt", "responses", "pairs"), pairs_rows),
+        RowFormat("ranking", ("prompt", "responses", "ranking"), ranking_rows),
+        RowFormat(
+            "conversational",
+            ("prompt", "chosen", "rejected"),
+            conversational_rows,
+            lambda row: isinstance(row["prompt"], list),
+        ),
+        RowFormat("standard", ("prompt", "chosen", "rejected"), standard_rows),
+        RowFormat("implicit", ("chosen", "rejected"), implicit_rows),
+        RowFormat("completion", ("prompt", "completion"), completion_rows),
+        RowFormat("text", (TEXT,), text_rows),
+    )
+}
+
+
+def _require_object(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "not_an_object")
+    return row
+
+
+def detect_format(row: Any, where: str, text_field: str = "text") -> str:
+    keys = set(_require_object(row, where))
+    for fmt in FORMATS.values():
+        if keys.issuperset(fmt.field_names(text_field)) and fmt.matches(row):
+            return fmt.name
+    expected = dict.fromkeys("/".join(fmt.field_names(text_field)) for fmt in FORMATS.values())
+    *others, last = expected
+    raise DataError(
+        f"{where}: cannot tell the format from fields {sorted(keys)}; expected {', '.join(others)} or {last}",
+        "unknown_format",
+    )
+
+
+def sniff_format(path: str | Path, text_field: str = "text") -> str:
+    """The format of the first well-formed row of a file."""
+    for where, row in iter_rows(path):
+        if not isinstance(row, DataError):
+            return detect_format(row, where, text_field)
+    raise DataError(f"{path}: no readable row", "empty_file")
+
+
+def _check_fields(row: dict[str, Any], fmt: RowFormat, where: str, report: DataReport, text_field: str) -> None:
+    """A field of another format (`text` included) is an error: a file holds one format. Other extra fields (ids,
+    metadata) are read past and counted."""
+    expected = set(fmt.field_names(text_field))
+    for key in row:
+        if key in expected:
+            continue
+        if key == text_field or any(key in other.fields for other in FORMATS.values()):
+            raise DataError(
+                f"{where}: unexpected field '{key}' in a {fmt.name} row (fields {sorted(expected)}); "
+                "one file holds one format, or set data.format",
+                "unexpected_field",
+            )
+        report.ignored_fields[str(key)] += 1
+
+
 def row_to_records(
     row: Any, fmt: str, use: Use, where: str, report: DataReport, text_field: str = "text", chat: bool = False
 ) -> list[Record]:
     """Turn one row into records. Raises DataError for malformed rows; skips content quirks with a count.
     `chat`: render HH-style string transcripts as messages with the tokenizer's chat template."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "not_an_object")
-    _check_fields(row, fmt, where, report, text_field)
-    records = _row_to_records(row, fmt, use, where, report, text_field)
+    if fmt not in FORMATS:
+        raise DataError(f"{where}: unknown format '{fmt}'; one of {', '.join(FORMATS)}")
+    row_format = FORMATS[fmt]
+    row = _require_object(row, where)
+    _check_fields(row, row_format, where, report, text_field)
+    records = row_format.to_records(row, RowContext(use, where, report, text_field))
     if chat:
         records = [Record(*_as_chat(r.prompt, r.completions), r.source) if not r.is_chat else r for r in records]  # type: ignore[arg-type]
     return records
-
-
-def _row_to_records(row: Any, fmt: str, use: Use, where: str, report: DataReport, text_field: str) -> list[Record]:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "not_an_object")
-    if fmt in ("standard", "conversational", "implicit"):
-        chat = fmt == "conversational" if fmt != "implicit" else None
-        chosen = _field(row, "chosen", where, chat)
-        rejected = _field(row, "rejected", where, isinstance(chosen, list))
-        if fmt == "implicit":
-            split = _split_implicit(chosen, rejected, where)
-            if split is None:
-                report.skip("prompt_mismatch", where)
-                return []
-            prompt, chosen, rejected = split
-        else:
-            prompt = _field(row, "prompt", where, isinstance(chosen, list), completion=False)
-        if use == "sft":
-            return [Record(prompt, (chosen,), where)]
-        if chosen == rejected:
-            report.skip("identical_chosen_rejected", where)
-            return []
-        return [Record(prompt, (chosen, rejected), where)]
-    if fmt == "pairs":
-        prompt, responses = _responses(row, where)
-        pairs = row["pairs"]
-        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
-            raise DataError(f"{where}: field 'pairs' must be a list of [winner, loser] index pairs", "wrong_type")
-        if use == "sft":
-            winners = dict.fromkeys(_indices([p[0] for p in pairs], len(responses), "pairs", where))
-            return [Record(prompt, (responses[w],), where) for w in winners]
-        records = []
-        for w, lo in pairs:
-            _indices([w, lo], len(responses), "pairs", where)
-            if responses[w] == responses[lo]:
-                report.skip("identical_chosen_rejected", where)
-                continue
-            records.append(Record(prompt, (responses[w], responses[lo]), where))
-        return records
-    if fmt == "ranking":
-        prompt, responses = _responses(row, where)
-        ranking = _indices(row["ranking"], len(responses), "ranking", where)
-        if len(set(ranking)) != len(ranking) or len(ranking) < 2:
-            raise DataError(f"{where}: field 'ranking' must list at least 2 distinct response indices", "bad_index")
-        ranked = [responses[i] for i in ranking]
-        if use == "sft":
-            return [Record(prompt, (ranked[0],), where)]
-        if use == "ranked":
-            return [Record(prompt, tuple(ranked), where)]
-        records = []
-        for a, b in itertools.combinations(ranked, 2):
-            if a == b:
-                report.skip("identical_chosen_rejected", where)
-                continue
-            records.append(Record(prompt, (a, b), where))
-        return records
-    if fmt == "completion":
-        if use != "sft":
-            raise DataError(
-                f"{where}: prompt/completion rows have no preference; use them with `dpokit sft`", "wrong_format"
-            )
-        prompt = _field(row, "prompt", where, completion=False)
-        return [Record(prompt, (_field(row, "completion", where, isinstance(prompt, list)),), where)]
-    if fmt == "text":
-        if use != "sft":
-            raise DataError(f"{where}: plain-text rows have no preference; use them with `dpokit sft`", "wrong_format")
-        return [Record("", (_field(row, text_field, where, False),), where)]
-    raise DataError(f"{where}: unknown format '{fmt}'")
 
 
 def load_records(
