@@ -38,7 +38,10 @@ class ConfigError(UserError, ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = ""
-    """Hugging Face model folder, or a `.gguf` file (loaded through transformers)."""
+    """Hugging Face model folder, a `.gguf` file (loaded through transformers), or a Hub id such as
+    `Qwen/Qwen2.5-0.5B-Instruct` (downloaded into the Hub cache; a local path of the same name wins)."""
+    revision: str | None = None
+    """Branch, tag or commit of a Hub id in `path` (default: main)."""
     gguf_file: str | None = None
     """GGUF file name inside `path`, when `path` is a folder holding one."""
     attn_implementation: str = "sdpa"
@@ -52,9 +55,20 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train_path: str = ""
-    """Training data: JSON lines (optionally .gz), JSON, Parquet, or a `datasets` folder from save_to_disk."""
+    """Training data: JSON lines (optionally .gz), JSON, Parquet, a `datasets` folder from save_to_disk, or a Hub
+    data set id such as `trl-lib/ultrafeedback_binarized` (a local path of the same name wins)."""
     eval_path: str | None = None
-    """Held-out data in the same formats; when unset, `eval_fraction` of the training file is held out."""
+    """Held-out data in the same forms; when unset, `eval_split` of a Hub train_path, else `eval_fraction` of the
+    training rows, is held out."""
+    train_split: str = "train"
+    """Split of a Hub data set in train_path."""
+    eval_split: str | None = None
+    """Split of a Hub data set in eval_path (default `test`), or, with eval_path unset, the split of train_path's
+    Hub data set to hold out."""
+    subset: str | None = None
+    """Configuration (subset) of a Hub data set, the `name` of `datasets.load_dataset`."""
+    data_dir: str | None = None
+    """Folder inside a Hub data set repository, e.g. `helpful-base` for `Anthropic/hh-rlhf`."""
     eval_fraction: float = 0.0
     """Fraction of the training rows held out for evaluation when `eval_path` is unset."""
     format: DataFormat = "auto"

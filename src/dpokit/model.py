@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from dpokit.errors import UserError
+from dpokit.hub import resolve_model
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
@@ -33,21 +34,19 @@ def split_model_path(path: str, gguf_file: str | None = None) -> tuple[str, str 
     return path, gguf_file
 
 
-def _check_path(path: str) -> None:
+def local_model_path(path: str, gguf_file: str | None = None, revision: str | None = None) -> tuple[str, str | None]:
+    """(folder, gguf file) on this machine for `model.path`: a local folder or `.gguf` file as it is (a local path
+    always wins), else the snapshot of that Hub id in the Hub cache (downloaded unless offline)."""
     if not path:
-        raise ModelError("no model given: set model.path to a local Hugging Face model folder or a .gguf file")
-    if not Path(path).exists():
-        raise ModelError(
-            f"model path '{path}' does not exist; give a local Hugging Face model folder or a .gguf file "
-            "(dpokit never downloads models)"
-        )
+        raise ModelError("no model given: set model.path to a Hugging Face model folder, a .gguf file or a Hub id")
+    folder, gguf = split_model_path(path, gguf_file)
+    return resolve_model(folder, revision, gguf), gguf
 
 
-def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
+def load_tokenizer(path: str, gguf_file: str | None = None, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
-    folder, gguf = split_model_path(path, gguf_file)
-    _check_path(folder)
+    folder, gguf = local_model_path(path, gguf_file, revision)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
     if tokenizer.eos_token_id is None:
         raise ModelError(
@@ -61,13 +60,16 @@ def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
 
 
 def load_model(
-    path: str, gguf_file: str | None = None, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+    path: str,
+    gguf_file: str | None = None,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
 ) -> Any:
-    """A Hugging Face causal LM from a local folder or a GGUF file (dequantized by transformers)."""
+    """A Hugging Face causal LM from a local folder, a GGUF file (dequantized by transformers) or a Hub id."""
     from transformers import AutoModelForCausalLM
 
-    folder, gguf = split_model_path(path, gguf_file)
-    _check_path(folder)
+    folder, gguf = local_model_path(path, gguf_file, revision)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if not gguf:
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs)

@@ -18,11 +18,11 @@ def precompute_reference(config: RunConfig) -> Path:
         raise ConfigError("precompute-ref writes to reference.cache: set it, e.g. reference.cache=runs/ref.safetensors")
     device = pick_device(config.train.device)
     autocast = autocast_for(config.train.precision, device)
-    tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
+    tokenizer = load_tokenizer(config.model.path, config.model.gguf_file, config.model.revision)
     data = prepare_data(config.data, tokenizer, LOSSES[config.loss.name].data)
     path = config.reference.path or config.model.path
-    gguf = None if config.reference.path else config.model.gguf_file
-    model = load_model(path, gguf, config.model.attn_implementation, DTYPES[config.model.dtype])
+    gguf, revision = (None, None) if config.reference.path else (config.model.gguf_file, config.model.revision)
+    model = load_model(path, gguf, config.model.attn_implementation, DTYPES[config.model.dtype], revision)
     parts = cache_parts(weights_digest(model), tokenizer_digest(tokenizer), data.train, data.eval, config)
     model.to(device)
     size, chunk = config.train.micro_batch_size, config.train.logits_chunk

@@ -245,7 +245,7 @@ def set_up(config: RunConfig, resume: bool) -> Run:
         )
     autocast = autocast_for(t.precision, device)
     seed_everything(t.seed, t.deterministic)
-    tokenizer = load_tokenizer(config.model.path, config.model.gguf_file)
+    tokenizer = load_tokenizer(config.model.path, config.model.gguf_file, config.model.revision)
     data = prepare_data(config.data, tokenizer, LOSSES[config.loss.name].data)
     for line in data.train_report.lines():
         print(f"[data] {line}")
@@ -281,7 +281,8 @@ def load_models(
         data_parts = cache_parts(None, tokenizer_digest(tokenizer), data.train, data.eval, config)
         check_cache(str(config.reference.cache), data_parts)
     dtype = DTYPES[config.model.dtype]
-    policy = load_model(config.model.path, config.model.gguf_file, config.model.attn_implementation, dtype).to(device)
+    m = config.model
+    policy = load_model(m.path, m.gguf_file, m.attn_implementation, dtype, m.revision).to(device)
     policy.config.use_cache = False
 
     def reference_parts() -> dict[str, str]:

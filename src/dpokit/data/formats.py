@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from dpokit.data.readers import iter_rows
 from dpokit.data.report import DataError, DataReport
+from dpokit.hub import HubDataset
 
 Message = dict[str, str]
 Text = str | list[Message]
@@ -290,7 +291,7 @@ def detect_format(row: Any, where: str, text_field: str = "text") -> str:
     )
 
 
-def sniff_format(path: str | Path, text_field: str = "text") -> str:
+def sniff_format(path: str | Path | HubDataset, text_field: str = "text") -> str:
     """The format of the first well-formed row of a file."""
     for where, row in iter_rows(path):
         if not isinstance(row, DataError):
@@ -331,7 +332,7 @@ def row_to_records(
 
 
 def load_records(
-    path: str | Path,
+    path: str | Path | HubDataset,
     fmt: str = "auto",
     use: Use = "pairs",
     on_error: str = "raise",

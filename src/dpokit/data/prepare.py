@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dpokit.config import DataConfig
 from dpokit.data.formats import Record, Use, load_records
 from dpokit.data.report import DataError, DataReport
 from dpokit.data.tokenize import TokenizedExample, tokenize_records
+from dpokit.hub import HubDataset, is_hub_id
 
 
 @dataclass
@@ -25,14 +27,33 @@ def _held_out(source: str, fraction: float) -> bool:
     return (zlib.crc32(source.encode()) % 10_000) < fraction * 10_000
 
 
+def data_source(path: str, split: str, config: DataConfig) -> Path | HubDataset:
+    """A local file or folder (always first), else a split of the Hub data set of that id."""
+    if Path(path).exists() or not is_hub_id(path):
+        return Path(path)
+    return HubDataset(path, split, config.subset, config.data_dir)
+
+
 def load_split_records(config: DataConfig, use: Use) -> tuple[list[Record], list[Record], DataReport, DataReport]:
     train_report, eval_report = DataReport(), DataReport()
     records, _ = load_records(
-        config.train_path, config.format, use, config.on_error, train_report, config.text_field, config.chat
+        data_source(config.train_path, config.train_split, config),
+        config.format,
+        use,
+        config.on_error,
+        train_report,
+        config.text_field,
+        config.chat,
     )
-    if config.eval_path:
+    if config.eval_path or config.eval_split:
+        eval_source = data_source(config.eval_path or config.train_path, config.eval_split or "test", config)
+        if not config.eval_path and not isinstance(eval_source, HubDataset):
+            raise DataError(
+                f"data.eval_split={config.eval_split} names a split of a Hub data set, but data.train_path "
+                f"'{config.train_path}' is a local file; set data.eval_path instead"
+            )
         eval_records, _ = load_records(
-            config.eval_path, config.format, use, config.on_error, eval_report, config.text_field, config.chat
+            eval_source, config.format, use, config.on_error, eval_report, config.text_field, config.chat
         )
     elif config.eval_fraction > 0:
         eval_records = [r for r in records if _held_out(r.source, config.eval_fraction)]

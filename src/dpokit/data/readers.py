@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from dpokit.data.report import DataError
+from dpokit.hub import HubDataset, iter_hub_rows
 
 Rows = Iterator[tuple[str, Any]]
 """(`file:line`, row) pairs; the row is a `DataError` where the line could not be read."""
@@ -123,8 +124,12 @@ def file_kind(path: Path) -> str:
     return SUFFIX_KINDS.get(path.suffix, "jsonl")
 
 
-def iter_rows(path: str | Path) -> Rows:
-    """Yield (`file:line`, row) for every row of a data file or `save_to_disk` folder. A row that cannot be
-    parsed is yielded as a `DataError` so that the caller decides whether to raise or skip."""
+def iter_rows(path: str | Path | HubDataset) -> Rows:
+    """Yield (`file:line`, row) for every row of a data file or `save_to_disk` folder, or (`id[split]:row`, row) for
+    a split of a Hub data set. A row that cannot be parsed is yielded as a `DataError` so that the caller decides
+    whether to raise or skip."""
+    if isinstance(path, HubDataset):  # prepare.data_source decided: not a local path, a Hub id
+        yield from iter_hub_rows(path)
+        return
     path = Path(path)
     yield from READERS[file_kind(path)](path)
