@@ -29,10 +29,35 @@ OnError = Literal["raise", "skip"]
 Layout = Literal["auto", "padded", "packed"]
 WeightDtype = Literal["fp32", "bf16"]
 T = TypeVar("T")
+TrackerName = Literal["tensorboard", "wandb", "trackio"]
 
 
 class ConfigError(UserError, ValueError):
     """A config problem a person can fix: the message names the key and what to do."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021, arXiv:2106.09685v2) trained through `peft` instead of the weights."""
+
+    r: int = 16
+    """Rank of each adapter (ΔW = B·A with A: r × in, B: out × r)."""
+    alpha: float = 32.0
+    """Scale: ΔW is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input while training."""
+    target_modules: tuple[str, ...] = ("all-linear",)
+    """Module names (or name suffixes) that get adapters; `all-linear`: every linear layer but the LM head."""
+    modules_to_save: tuple[str, ...] = ()
+    """Modules trained in full next to the adapters and saved with them (e.g. `lm_head`)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"model.lora.r must be at least 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules is empty; name modules or use all-linear")
 
 
 @dataclass(frozen=True)
@@ -46,6 +71,9 @@ class ModelConfig:
     """GGUF file name inside `path`, when `path` is a folder holding one."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to `from_pretrained` (`sdpa`, `eager`, ...)."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of all weights (set any `model.lora.*` key, or `model.lora: {}` in YAML, to turn
+    it on); π_ref is then the same model with its adapters disabled."""
     dtype: WeightDtype = "fp32"
     """Weights, gradients and optimizer state. fp32 (with bf16 autocast on GPU: mixed precision), or bf16: half the
     memory for all three, as when a model is loaded with `dtype=torch.bfloat16` elsewhere. With bf16 weights an
@@ -206,6 +234,9 @@ class TrainConfig:
     compiler recomputes the cheapest operations in backward until activations fit the budget."""
     deterministic: bool = False
     """Ask torch for deterministic kernels (slower on GPU)."""
+    report_to: tuple[TrackerName, ...] | None = None
+    """Trackers that get the metrics and the resolved config: tensorboard, wandb, trackio (a list; [] for none).
+    Default: tensorboard when it is installed."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.compile_memory_budget <= 1.0:
@@ -272,6 +303,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        item_type = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(items))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -290,13 +327,18 @@ def _build(cls: Any, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
             raise ConfigError(f"unknown key '{path}'{_suggest(str(key), names)}")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        optional = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):  # an optional section, e.g. model.lora
+            tp = optional[0] if value is not None else type(None)
+        if tp is type(None):
+            kwargs[key] = None
+        elif dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, path)
         else:
             kwargs[key] = _coerce(value, tp, path)
@@ -363,7 +405,14 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """Plain dicts and lists (tuples become lists, as YAML and JSON write them)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+    return plain(dataclasses.asdict(config))
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

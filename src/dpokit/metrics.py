@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from dpokit.tracking import Tracker
 
 Stats = dict[str, Tensor | float]
 """Statistics summed over a batch's examples: tensors where they were computed (on the device), counts as numbers."""
@@ -41,33 +42,27 @@ def averaged(total: dict[str, float], per_token: bool) -> dict[str, float]:
 
 
 class MetricsLog:
-    """metrics.jsonl always; TensorBoard when it is installed. On resume, rows written after the checkpoint
-    (by the run that was killed) are dropped, so that the file reads as one uninterrupted run."""
+    """metrics.jsonl always, and the trackers of `train.report_to` (dpokit.tracking). On resume, rows written after
+    the checkpoint (by the run that was killed) are dropped, so that the file reads as one uninterrupted run."""
 
-    def __init__(self, out: Path, resume_step: int) -> None:
+    def __init__(self, out: Path, resume_step: int, trackers: Sequence[Tracker] = ()) -> None:
         path = out / "metrics.jsonl"
         if resume_step and path.exists():
             rows = [line for line in path.read_text(encoding="utf-8").splitlines() if _complete_row(line, resume_step)]
             path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
         self.file = path.open("a" if resume_step else "w", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb: Any = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            self.tb = None
+        self.trackers = trackers
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.log(step, metrics)
 
     def close(self) -> None:
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _complete_row(line: str, last_step: int) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dpokit import distributed
+from dpokit import distributed, tracking
 from dpokit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_model
 from dpokit.config import ConfigError, RunConfig, save_config, to_dict
 from dpokit.data.batching import AnyBatch, Collate, batches_in_order, collate_for, step_examples
@@ -148,7 +148,8 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     per_token = LOSSES[config.loss.name].per_token
     eval_batches = batches_in_order(run.data.eval, t.micro_batch_size, run.make_batch)
     checkpoints = run.out / "checkpoints"
-    log = MetricsLog(run.out, run.start_step)
+    trackers = tracking.open_trackers(tracking.resolve(t.report_to), run.out, to_dict(config), run.start_step > 0)
+    log = MetricsLog(run.out, run.start_step, trackers)
     skipped_steps, train_metrics = run.skipped_steps, {}
 
     policy.train()
@@ -244,6 +245,7 @@ def set_up(config: RunConfig, resume: bool) -> Run:
             "CPU. Use sdpa on CPU (precompute-ref, which runs no backward, accepts flex_attention anywhere)."
         )
     autocast = autocast_for(t.precision, device)
+    tracking.resolve(t.report_to)  # a tracker that is not installed fails here, before anything is written
     seed_everything(t.seed, t.deterministic)
     tokenizer = load_tokenizer(config.model.path, config.model.gguf_file, config.model.revision)
     data = prepare_data(config.data, tokenizer, LOSSES[config.loss.name].data)
