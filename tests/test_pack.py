@@ -111,13 +111,14 @@ def test_first_fit_decreasing() -> None:
 
 def test_chunked_logps_never_builds_full_logits() -> None:
     torch.manual_seed(0)
-    hidden, weight = torch.randn(50, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True)
+    hidden, head = torch.randn(50, 8, requires_grad=True), torch.nn.Linear(8, 40, bias=False)
+    weight = head.weight
     targets = torch.randint(0, 40, (50,))
     full = torch.log_softmax(hidden @ weight.T, -1).gather(1, targets[:, None]).squeeze(1)
-    chunked, _ = chunked_token_logps(hidden, weight, targets, chunk=7)
+    chunked, _ = chunked_token_logps(hidden, head, targets, chunk=7)
     assert torch.allclose(full, chunked, atol=1e-6)
     g_full = torch.autograd.grad(full.sum(), (hidden, weight))
-    g_chunk = torch.autograd.grad(chunked_token_logps(hidden, weight, targets, chunk=7)[0].sum(), (hidden, weight))
+    g_chunk = torch.autograd.grad(chunked_token_logps(hidden, head, targets, chunk=7)[0].sum(), (hidden, weight))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_full, g_chunk, strict=True))
 
 

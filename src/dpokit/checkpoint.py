@@ -1,4 +1,6 @@
 """Checkpoints: the model in Hugging Face format (safetensors) plus optimizer, scheduler, RNG and data position.
+Under LoRA the model part is the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors), which
+`PeftModel.from_pretrained(base, folder)` loads.
 
 A checkpoint is written to `<name>.tmp` and renamed into place, so a folder named `step-N` is always complete;
 `--resume` takes the newest one.
@@ -16,6 +18,7 @@ import torch
 from dpokit import distributed
 from dpokit.config import RunConfig, save_config
 from dpokit.errors import UserError
+from dpokit.lora import is_peft, load_adapter_weights
 
 STATE_FILE = "trainer_state.pt"
 
@@ -79,9 +82,7 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def load_training_state(path: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, int]:
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return the step to continue from and the
-    number of updates skipped so far (non-finite steps)."""
+def _load_full_weights(path: Path, model: Any) -> None:
     from safetensors.torch import load_file
 
     weights: dict[str, torch.Tensor] = {}
@@ -95,6 +96,15 @@ def load_training_state(path: Path, model: Any, optimizer: Any, scheduler: Any) 
             f"checkpoint {path} does not match model.path's model (missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}): resume with the model this run started from, or use another train.output_dir"
         )
+
+
+def load_training_state(path: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, int]:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return the step to continue from and the
+    number of updates skipped so far (non-finite steps)."""
+    if is_peft(model):
+        load_adapter_weights(model, path)  # an adapter checkpoint (PEFT's format): the frozen weights are the model's
+    else:
+        _load_full_weights(path, model)
     state = torch.load(path / STATE_FILE, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -171,6 +171,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--imdb", help="movie_review.jsonl.gz (default: ../shared/data/imdb-text2vec)")
     p.add_argument("--vader", help="movieReviewSnippets_GroundTruth.txt (default: ../shared/data/vader-movie-snippets)")
     p = sub.add_parser(
+        "export",
+        help="write a run's model as a Hugging Face folder (LoRA: the adapter, or merged with --merge)",
+        parents=[debug],
+    )
+    p.add_argument("run", help="run folder (its final/ is exported) or a checkpoint folder")
+    p.add_argument("out", help="new output folder")
+    p.add_argument("--merge", action="store_true", help="LoRA runs: merge the adapter into the base model's weights")
+    p = sub.add_parser(
         "validate", help="check a data file: every malformed row with file:line and field, and counts", parents=[debug]
     )
     p.add_argument("data", help="data file or save_to_disk folder (data.train_path)")
@@ -240,6 +248,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "validate":
         return _validate(args)
+    if args.command == "export":
+        from dpokit.export import export
+
+        print(f"wrote {export(args.run, args.out, args.merge)}")
+        return 0
     if args.command == "init-model":
         from dpokit.data.formats import Use, load_records, record_texts, sniff_format
         from dpokit.model import init_model

@@ -42,7 +42,7 @@ class LoraConfig:
 
     r: int = 16
     """Rank of each adapter (ΔW = B·A with A: r × in, B: out × r)."""
-    alpha: float = 32.0
+    alpha: int = 32
     """Scale: ΔW is multiplied by alpha / r."""
     dropout: float = 0.0
     """Dropout on the adapter's input while training."""
@@ -58,6 +58,11 @@ class LoraConfig:
             raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise ConfigError("model.lora.target_modules is empty; name modules or use all-linear")
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise ConfigError(
+                f"model.lora.target_modules={list(self.target_modules)}: all-linear stands alone; list the modules "
+                "by name instead (e.g. [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head])"
+            )
 
 
 @dataclass(frozen=True)

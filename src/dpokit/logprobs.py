@@ -48,40 +48,44 @@ def sequence_logps(model: torch.nn.Module, batch: Batch) -> SequenceLogps:
     )
 
 
-def _chunk_logps(hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    logits = (hidden @ weight.T).float()  # (n, V), one chunk at a time
+def _chunk_logps(hidden: Tensor, head: torch.nn.Module, targets: Tensor) -> tuple[Tensor, Tensor]:
+    logits = head(hidden).float()  # (n, V), one chunk at a time
     logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return logp, torch.log1p(-logp.exp().clamp(max=1.0 - 1e-6))
 
 
-def chunked_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """log π(target) and log(1 − π(target)) for hidden states (N, H) against the LM head `weight` (V, H), `chunk`
-    rows at a time. Each chunk is checkpointed, so its (chunk, V) logits are recomputed in backward instead of kept:
+def chunked_token_logps(hidden: Tensor, head: torch.nn.Module, targets: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """log π(target) and log(1 − π(target)) for hidden states (N, H) through the LM head (H -> V), `chunk`
+    rows at a time. The head module itself is called (not its weight read), so LoRA adapters on it apply. Each
+    chunk is checkpointed, so its (chunk, V) logits are recomputed in backward instead of kept:
     the full (N, V) logits never exist, in forward or backward."""
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
     parts = [
         torch.utils.checkpoint.checkpoint(
-            _chunk_logps, hidden[i : i + chunk], weight, targets[i : i + chunk], use_reentrant=False
+            _chunk_logps, hidden[i : i + chunk], head, targets[i : i + chunk], use_reentrant=False
         )
         if torch.is_grad_enabled()
-        else _chunk_logps(hidden[i : i + chunk], weight, targets[i : i + chunk])
+        else _chunk_logps(hidden[i : i + chunk], head, targets[i : i + chunk])
         for i in range(0, hidden.shape[0], chunk)
     ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _plain_head(model: torch.nn.Module) -> Tensor:
-    """The LM head's weight, when logits are exactly hidden @ weight.T (Llama, Mistral, Qwen, SmolLM, ...)."""
+def _plain_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The LM head, when logits are exactly head(hidden) = hidden @ weight.T (Llama, Mistral, Qwen, SmolLM, ...),
+    a LoRA-wrapped head included."""
     config = model.config  # type: ignore[union-attr]
     for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(config, name, None) not in (None, 1, 1.0):
             raise ConfigError(f"{type(model).__name__} transforms its logits ({name}); use train.layout=padded")
     head = model.get_output_embeddings()  # type: ignore[operator]
-    if head is None or getattr(head, "bias", None) is not None:
+    linear = getattr(head, "original_module", head)  # a peft modules_to_save wrapper holds a copy of the head
+    linear = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear  # a LoRA layer, its Linear
+    if not isinstance(linear, torch.nn.Linear) or linear.bias is not None:
         raise ConfigError(f"{type(model).__name__} has no plain linear LM head; use train.layout=padded")
-    return head.weight
+    return head  # type: ignore[no-any-return]
 
 
 def packed_sequence_logps(model: torch.nn.Module, batch: PackedBatch, chunk: int = 1024) -> SequenceLogps:

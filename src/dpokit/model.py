@@ -34,6 +34,21 @@ def split_model_path(path: str, gguf_file: str | None = None) -> tuple[str, str 
     return path, gguf_file
 
 
+def is_adapter_folder(path: str | Path) -> bool:
+    """A folder holding a PEFT adapter (`adapter_config.json`) rather than full weights."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(folder: str | Path) -> str:
+    """The base model an adapter folder was trained on (`base_model_name_or_path` of its adapter_config.json)."""
+    import json
+
+    base = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{folder}/adapter_config.json names no base model (base_model_name_or_path)")
+    return str(base)
+
+
 def local_model_path(path: str, gguf_file: str | None = None, revision: str | None = None) -> tuple[str, str | None]:
     """(folder, gguf file) on this machine for `model.path`: a local folder or `.gguf` file as it is (a local path
     always wins), else the snapshot of that Hub id in the Hub cache (downloaded unless offline)."""
@@ -47,6 +62,8 @@ def load_tokenizer(path: str, gguf_file: str | None = None, revision: str | None
     from transformers import AutoTokenizer
 
     folder, gguf = local_model_path(path, gguf_file, revision)
+    if is_adapter_folder(folder) and not (Path(folder) / "tokenizer_config.json").exists():
+        return load_tokenizer(adapter_base(folder))  # an adapter saved without a tokenizer: its base model's
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
     if tokenizer.eos_token_id is None:
         raise ModelError(
@@ -66,10 +83,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
 ) -> Any:
-    """A Hugging Face causal LM from a local folder, a GGUF file (dequantized by transformers) or a Hub id."""
+    """A Hugging Face causal LM from a local folder, a GGUF file (dequantized by transformers) or a Hub id. A folder
+    that holds a PEFT adapter loads as its base model with the adapter merged in (see dpokit.lora)."""
     from transformers import AutoModelForCausalLM
 
     folder, gguf = local_model_path(path, gguf_file, revision)
+    if is_adapter_folder(folder):
+        from dpokit.lora import load_merged
+
+        return load_merged(folder, attn_implementation, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if not gguf:
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs)

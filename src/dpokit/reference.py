@@ -1,6 +1,7 @@
 """The reference model π_ref, handled every way users need, behind one function: (batch, split) -> (B, K) log-probs.
 
-- copy:        a frozen copy of the initial policy (the default; π_ref = the model DPO starts from)
+- copy:        a frozen copy of the initial policy (the default; π_ref = the model DPO starts from); under LoRA
+               no copy: the policy itself with its adapters disabled
 - path:        another checkpoint, loaded frozen
 - precomputed: log-probs written by `dpokit precompute-ref`, checked against a content hash of
                (reference weights, tokenizer, tokenized data, tokenization settings)
@@ -27,6 +28,7 @@ from dpokit.data.pack import PackedBatch
 from dpokit.data.tokenize import TokenizedExample
 from dpokit.errors import UserError
 from dpokit.logprobs import batch_logps
+from dpokit.lora import adapter_off_reference, base_state_dict, is_peft
 from dpokit.model import DTYPES, load_model
 
 ReferenceFn = Callable[[Batch | PackedBatch, str], Tensor]
@@ -37,8 +39,10 @@ class ReferenceMismatch(UserError, ValueError):
 
 
 def weights_digest(model: torch.nn.Module) -> str:
+    """Content hash of the weights; of the frozen base model's weights under LoRA (what π_ref is)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    state = base_state_dict(model) if is_peft(model) else model.state_dict()
+    for name, tensor in sorted(state.items()):
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -138,6 +142,8 @@ def make_reference(
         assert config.reference.cache is not None
         cached = load_cache(config.reference.cache, cache_parts_fn())
         return (lambda batch, split: cached[split][batch.indices].to(device)), None
+    if mode == "copy" and is_peft(policy):
+        return adapter_off_reference(policy, config.train.logits_chunk), None
     if mode == "copy":
         reference = copy.deepcopy(policy)
     else:

@@ -32,6 +32,7 @@ from dpokit.data.report import DataError
 from dpokit.device import autocast_for, pick_device, seed_everything
 from dpokit.errors import UserError
 from dpokit.logprobs import batch_logps
+from dpokit.lora import apply_lora
 from dpokit.losses import LOSSES, compute_loss
 from dpokit.metrics import MetricsLog, Stats, averaged, to_host
 from dpokit.model import DTYPES, compile_layers, compiler_memory_budget, load_model, load_tokenizer
@@ -286,6 +287,8 @@ def load_models(
     m = config.model
     policy = load_model(m.path, m.gguf_file, m.attn_implementation, dtype, m.revision).to(device)
     policy.config.use_cache = False
+    if m.lora is not None:  # adapters on the frozen model; π_ref (mode copy) is the same model with them disabled
+        policy = apply_lora(policy, m.lora, m.path, m.revision)
 
     def reference_parts() -> dict[str, str]:
         # The weights digest of the model precompute-ref scored with: the initial policy, or reference.path.
