@@ -5,11 +5,18 @@ model that already carries an adapter."""
 from __future__ import annotations
 
 import math
+import os
 import random
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dpokit.cli import main
 from dpokit.config import ConfigError, LoraConfig, load_config
@@ -21,6 +28,7 @@ from dpokit.model import load_model
 from tests.conftest import read_metrics, tiny_run
 from tests.test_pack import _close, _examples, _grads
 
+ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {
     "padded": lambda ex: collate(ex, range(len(ex)), 0),
     "packed": lambda ex: pack(ex, range(len(ex)), 0, 0),
@@ -153,3 +161,40 @@ def test_a_model_that_carries_an_adapter_is_merged_and_is_the_reference(
     base_run = tmp_path / "base"
     assert main(["dpo", *_run(tiny_model, hh_file, base_run, "train.max_steps=1", "model.lora.r=4")]) == 0
     assert read_metrics(base_run)[0]["logps/ref_chosen"] != pytest.approx(a["logps/ref_chosen"], rel=1e-4)
+
+
+def _cli(tiny_model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    lora = ["model.lora.r=4", "model.lora.dropout=0.1", "train.max_steps=8", "train.save_every=1"]
+    return [sys.executable, "-m", "dpokit", "dpo", *_run(tiny_model, data, out, *lora, *extra)]
+
+
+@pytest.mark.slow
+def test_lora_resume_after_sigkill_equals_the_uninterrupted_run(
+    tiny_model: Path, hh_file: Path, tmp_path: Path
+) -> None:
+    """Adapter dropout on, so the RNG state matters too. The resumed process says which checkpoint it started from,
+    and that checkpoint is one the killed process wrote."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TQDM_DISABLE": "1"}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_cli(tiny_model, hh_file, full), check=True, capture_output=True, env=env)
+    process = subprocess.Popen(
+        _cli(tiny_model, hh_file, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        metrics = killed / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final").exists()
+    written = sorted(int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("step-*") if "tmp" not in p.name)
+    resumed = subprocess.run(
+        [*_cli(tiny_model, hh_file, killed), "--resume"], check=True, capture_output=True, env=env, text=True
+    )
+    step = int(re.search(r"\[resume\] from .*step-(\d+) at step (\d+)", resumed.stdout).group(2))
+    assert 1 <= step < 8 and step == written[-1]
+    assert [r["loss"] for r in read_metrics(killed)] == [r["loss"] for r in read_metrics(full)]
+    a, b = (load_file(str(p / "final" / "adapter_model.safetensors")) for p in (full, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

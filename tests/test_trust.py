@@ -1,6 +1,7 @@
 """Trust: bad input is reported with its place, interrupted runs resume exactly, checkpoints are atomic,
 non-finite steps are skipped and counted, and the same seed gives the same run."""
 
+import importlib
 import json
 import os
 import random
@@ -217,7 +218,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tiny_model, hh_file
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_model, hh_file, tmp_path, monkeypatch) -> None:
-    import dpokit.train as train_module
+    train_module = importlib.import_module("dpokit.train")  # `dpokit.train` itself is the function
 
     real = train_module.batch_logps
     calls = {"n": 0}
@@ -289,7 +290,7 @@ def test_precomputed_reference_from_another_tokenizer_is_refused_before_loading(
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the cache was checked")
 
-    monkeypatch.setattr("dpokit.train.load_model", no_loading)
+    monkeypatch.setattr(importlib.import_module("dpokit.train"), "load_model", no_loading)
     with pytest.raises(ReferenceMismatch, match="other tokenizer"):
         train(
             _config(

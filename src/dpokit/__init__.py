@@ -1,3 +1,31 @@
-"""dpokit: Direct Preference Optimization (Rafailov et al. 2023) for Hugging Face causal LMs."""
+"""dpokit: Direct Preference Optimization (Rafailov et al. 2023) for Hugging Face causal LMs.
+
+The Python API runs the same stages as the command line:
+
+    from dpokit import load_config, train
+    config = load_config("dpo.yaml", ["model.lora.r=16", "train.max_steps=100"])
+    summary = train(config)  # the dict also written to <train.output_dir>/summary.json
+
+`dpokit.train` is the function; the training-loop module it comes from is `sys.modules["dpokit.train"]`.
+"""
+
+from dpokit.config import ConfigError, RunConfig, from_dict, load_config, save_config, to_dict
+from dpokit.errors import UserError
+from dpokit.export import export
+from dpokit.precompute import precompute_reference
+from dpokit.train import Interrupted, train
 
 __version__ = "0.1.0"
+__all__ = [
+    "ConfigError",
+    "Interrupted",
+    "RunConfig",
+    "UserError",
+    "export",
+    "from_dict",
+    "load_config",
+    "precompute_reference",
+    "save_config",
+    "to_dict",
+    "train",
+]

@@ -168,8 +168,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller version (under a minute on 2 cores)")
     p.add_argument("--out", help="output folder (default runs/demo or runs/demo-quick); stages are cached there")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0 1; --quick: 0)")
-    p.add_argument("--imdb", help="movie_review.jsonl.gz (default: ../shared/data/imdb-text2vec)")
-    p.add_argument("--vader", help="movieReviewSnippets_GroundTruth.txt (default: ../shared/data/vader-movie-snippets)")
+    p.add_argument(
+        "--imdb",
+        help="movie_review.jsonl.gz or a Hub data set id (default: stanfordnlp/imdb from the Hub when reachable, "
+        "else imdb-text2vec/ in DPOKIT_DATA_DIR or ../shared/data)",
+    )
+    p.add_argument(
+        "--vader",
+        help="movieReviewSnippets_GroundTruth.txt (default: vader-movie-snippets/ in DPOKIT_DATA_DIR or "
+        "../shared/data; without it the reward's agreement with human ratings is not measured)",
+    )
     p = sub.add_parser(
         "export",
         help="write a run's model as a Hugging Face folder (LoRA: the adapter, or merged with --merge)",
@@ -241,9 +249,7 @@ def _run(args: argparse.Namespace) -> int:
 
         out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
         seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1)))
-        sentiment.run_demo(
-            out, args.quick, seeds, Path(args.imdb or sentiment.IMDB), Path(args.vader or sentiment.VADER)
-        )
+        sentiment.run_demo(out, args.quick, seeds, args.imdb, args.vader)
         print(f"wrote {out}/frontier.png, results.json, results.csv, report.md")
         return 0
     if args.command == "validate":

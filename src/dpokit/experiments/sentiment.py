@@ -17,7 +17,6 @@ output folder so that an interrupted demo resumes where it stopped:
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import math
 import random
@@ -34,12 +33,10 @@ from tqdm.auto import tqdm
 
 from dpokit.config import from_dict
 from dpokit.eval.frontier import best_of_n, dominance, evaluate_policy, plot_frontier
+from dpokit.experiments.demo_data import DemoData, find_demo_data
 from dpokit.experiments.reward import SentimentReward
 from dpokit.generate import sample
 from dpokit.model import init_model, load_model, load_tokenizer, train_tokenizer
-
-IMDB = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "imdb-text2vec" / "movie_review.jsonl.gz"
-VADER = IMDB.parents[1] / "vader-movie-snippets" / "movieReviewSnippets_GroundTruth.txt"
 
 
 @dataclass(frozen=True)
@@ -86,16 +83,6 @@ QUICK = Sizes(
 )
 
 
-def clean(review: str) -> str:
-    return review.replace('\\"', '"').replace("<br />", " ").replace("  ", " ").strip()
-
-
-def load_reviews(path: Path = IMDB) -> list[dict[str, Any]]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
-    return [{"text": clean(r["review"]), "label": int(r["sentiment"])} for r in rows]
-
-
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -122,10 +109,11 @@ def _train(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 class Demo:
-    def __init__(self, out: Path, sizes: Sizes, seeds: tuple[int, ...], imdb: Path = IMDB, vader: Path = VADER) -> None:
-        self.out, self.sizes, self.seeds, self.vader = out, sizes, seeds, vader
+    def __init__(self, out: Path, sizes: Sizes, seeds: tuple[int, ...], data: DemoData) -> None:
+        self.out, self.sizes, self.seeds, self.vader = out, sizes, seeds, data.vader
         out.mkdir(parents=True, exist_ok=True)
-        self.reviews = load_reviews(imdb)
+        print(f"[demo] IMDb reviews from {data.source}")
+        self.reviews = data.reviews
         self.train_reviews, self.heldout_reviews = self.reviews[:4000], self.reviews[4000:]
 
     # --- stages -------------------------------------------------------------------------------------------------
@@ -372,16 +360,18 @@ class Demo:
             return dict(json.loads(cache.read_text()))
         summary = json.loads((self.out / "sft" / "summary.json").read_text())
         heldout = self.heldout_reviews
-        vader = [line.rstrip("\r\n").split("\t") for line in self.vader.open(encoding="utf-8") if line.strip()]
-        ratings = np.array([float(r[1]) for r in vader])
-        scores = self.reward([r[2] for r in vader])
+        pearson = None
+        if self.vader is not None:
+            vader = [line.rstrip("\r\n").split("\t") for line in self.vader.open(encoding="utf-8") if line.strip()]
+            ratings = np.array([float(r[1]) for r in vader])
+            pearson = float(np.corrcoef(self.reward([r[2] for r in vader]), ratings)[0, 1])
         facts = {
             "sft_parameters": sum(p.numel() for p in self.sft_model.parameters()),
             "sft_heldout_perplexity": math.exp(summary["eval"]["eval/loss"]),
             "reward_heldout_accuracy": self.reward.accuracy(
                 [r["text"] for r in heldout], [r["label"] for r in heldout]
             ),
-            "reward_vader_pearson": float(np.corrcoef(scores, ratings)[0, 1]),
+            "reward_vader_pearson": pearson,
             "pairs": json.loads((self.out / "data" / "pairs_counts.json").read_text()),
             "sizes": asdict(self.sizes),
         }
@@ -413,9 +403,13 @@ def report(results: list[dict], facts: dict[str, Any], seconds: float) -> str:
         "![frontier](frontier.png)",
         "",
         f"π_SFT: {facts['sft_parameters']:,} parameters, held-out perplexity {facts['sft_heldout_perplexity']:.1f}. "
-        f"Reward: TF-IDF + logistic regression, held-out accuracy {facts['reward_heldout_accuracy']:.3f}, Pearson "
-        f"r = {facts['reward_vader_pearson']:.2f} against the human ratings of the VADER movie snippets. "
-        f"Pairs: {facts['pairs']['pairs']} from {facts['pairs']['prompts']} prompts "
+        f"Reward: TF-IDF + logistic regression, held-out accuracy {facts['reward_heldout_accuracy']:.3f}, "
+        + (
+            f"Pearson r = {facts['reward_vader_pearson']:.2f} against the human ratings of the VADER movie snippets. "
+            if facts["reward_vader_pearson"] is not None
+            else "agreement with human ratings not measured (no VADER snippets file; pass --vader). "
+        )
+        + f"Pairs: {facts['pairs']['pairs']} from {facts['pairs']['prompts']} prompts "
         f"({facts['pairs']['ties_dropped']} ties dropped). Runtime {seconds:.0f}s.",
         "",
         "| method | setting | seed | step | reward | KL |",
@@ -456,5 +450,7 @@ def report(results: list[dict], facts: dict[str, Any], seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_demo(out: Path, quick: bool, seeds: tuple[int, ...], imdb: Path = IMDB, vader: Path = VADER) -> dict[str, Any]:
-    return Demo(out, QUICK if quick else Sizes(), seeds, imdb, vader).run()
+def run_demo(out: Path, quick: bool, seeds: tuple[int, ...], imdb: str | None = None, vader: str | None = None) -> dict:
+    """The demo, with its data found as `find_demo_data` says (before anything is written)."""
+    data = find_demo_data(imdb, vader)
+    return Demo(out, QUICK if quick else Sizes(), seeds, data).run()

