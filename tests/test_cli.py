@@ -1,6 +1,7 @@
 """Every command runs from the command line on real data and a tiny model, in seconds."""
 
 import dataclasses
+import importlib
 import json
 import re
 import subprocess
@@ -14,7 +15,7 @@ from dpokit.cli import PREVIEW_FIELDS, _data_config, _parser, field_docs, main
 from dpokit.config import ConfigError, DataConfig, RunConfig
 from tests.conftest import IMDB, ULTRAFEEDBACK_TRAIN
 
-COMMANDS = ["sft", "dpo", "precompute-ref", "preview", "demo", "validate", "init-model"]
+COMMANDS = ["sft", "dpo", "precompute-ref", "preview", "demo", "export", "validate", "init-model"]
 
 
 def test_help_lists_the_commands(capsys) -> None:
@@ -174,7 +175,7 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors(monkeypatch: pyte
     def buggy(config, resume=False):
         raise ValueError("an internal inconsistency")
 
-    monkeypatch.setattr("dpokit.train.train", buggy)
+    monkeypatch.setattr(importlib.import_module("dpokit.train"), "train", buggy)  # `dpokit.train` is the function
     with pytest.raises(ValueError, match="internal inconsistency"):
         main(["dpo", "model.path=x"])
     with pytest.raises(ConfigError, match="unknown key"):

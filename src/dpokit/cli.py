@@ -85,15 +85,24 @@ def schema_help() -> str:
     """Every config field as `section.field = default`, its choices and its docstring."""
     lines = ["config fields (set any with section.field=value; defaults shown):"]
     for part in dataclasses.fields(RunConfig):
-        cls = typing.get_type_hints(RunConfig)[part.name]
-        for f in dataclasses.fields(cls):
-            choices = _choices(cls, f.name)
-            lines.append(
-                f"  {part.name}.{f.name} = {json.dumps(f.default)}" + (f"  ({' | '.join(choices)})" * bool(choices))
-            )
-            doc = field_docs(cls).get(f.name, "")
-            lines += textwrap.wrap(doc, 100, initial_indent=" " * 6, subsequent_indent=" " * 6, break_on_hyphens=False)
+        lines += _field_lines(part.name, typing.get_type_hints(RunConfig)[part.name])
     return "\n".join(lines)
+
+
+def _field_lines(prefix: str, cls: type) -> list[str]:
+    lines = []
+    for f in dataclasses.fields(cls):
+        choices = _choices(cls, f.name)
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        lines.append(f"  {prefix}.{f.name} = {json.dumps(default)}" + (f"  ({' | '.join(choices)})" * bool(choices)))
+        doc = field_docs(cls).get(f.name, "")
+        lines += textwrap.wrap(doc, 100, initial_indent=" " * 6, subsequent_indent=" " * 6, break_on_hyphens=False)
+        optional_section = [
+            a for a in typing.get_args(typing.get_type_hints(cls)[f.name]) if dataclasses.is_dataclass(a)
+        ]
+        for sub in optional_section:  # e.g. model.lora: its fields, once it is set
+            lines += _field_lines(f"{prefix}.{f.name}", typing.cast(type, sub))
+    return lines
 
 
 def _textual(tp: Any) -> bool:
