@@ -49,6 +49,19 @@ def _config(path: str | None, overrides: Sequence[str], command: str) -> RunConf
         section(raw, "reference")["mode"] = "none"
     for override in overrides:
         apply_override(raw, override)
+    if command == "sft" and section(raw, "loss").get("name") != "sft":
+        raise ConfigError(
+            f"`dpokit sft` trains with loss.name=sft, but an override sets loss.name={raw['loss']['name']}"
+        )
+    if command == "precompute-ref":
+        # The config describes the DPO run the cache is for; precompute-ref scores with reference.path or model.path.
+        if section(raw, "reference").get("mode") == "none":
+            raise ConfigError("precompute-ref has nothing to compute with reference.mode=none (reference-free)")
+        if not raw["reference"].get("cache"):
+            raise ConfigError(
+                "precompute-ref writes to reference.cache: set it, e.g. reference.cache=runs/ref.safetensors"
+            )
+        raw["reference"]["mode"] = "precomputed"
     return from_dict(raw)
 
 
