@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import signal
 import sys
 import textwrap
 import typing
@@ -163,8 +164,12 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("args", nargs="*", help="CONFIG.yaml and section.field=value overrides")
         if name != "precompute-ref":
-            p.add_argument(
+            once = p.add_mutually_exclusive_group()
+            once.add_argument(
                 "--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir"
+            )
+            once.add_argument(
+                "--overwrite", action="store_true", help="replace the run in train.output_dir (only what dpokit wrote)"
             )
     p = sub.add_parser(
         "preview", help="show which tokens are prompt and which are trained, with counts", parents=[debug]
@@ -232,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"dpokit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        stage = "a run that had started keeps its last checkpoint (continue with --resume)"
+        print(f"dpokit {args.command}: interrupted (SIGINT); {stage}", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -246,7 +255,7 @@ def _run(args: argparse.Namespace) -> int:
         from dpokit.train import Interrupted, train
 
         try:
-            summary = train(config, resume=args.resume)
+            summary = train(config, resume=args.resume, overwrite=args.overwrite)
         except Interrupted as e:
             print(f"dpokit {args.command}: {e}", file=sys.stderr)
             return 128 + e.signum
@@ -275,7 +284,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "init-model":
         from dpokit.data.formats import Use, load_records, record_texts, sniff_format
         from dpokit.model import init_model
+        from dpokit.runfolder import check_new_folder
 
+        check_new_folder(args.out, "init-model --out")
         fmt = sniff_format(args.data, args.text_field)
         use: Use = "sft" if fmt in ("text", "completion") else "pairs"
         records, _ = load_records(args.data, fmt, use, "skip", text_field=args.text_field)
