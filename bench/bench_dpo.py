@@ -194,7 +194,7 @@ def run_dpokit(folder: Path, p: dict, system: str) -> dict:
         precompute_reference(from_dict(raw))
     if p["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    train(from_dict(raw))
+    train(from_dict(raw), overwrite=True)  # the benchmark owns its folder
     rows = [json.loads(line) for line in (folder / system / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r and "step_seconds" in r]
     return {"step_seconds": [r["step_seconds"] for r in steps], "first_loss": steps[0]["loss"]}

@@ -71,3 +71,17 @@ def tiny_run(model: Path, data: Path, out: Path) -> list[str]:
 
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def base_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 3-step run with checkpoints at steps 1 and 2 (tests/bad_input's BASE_RUN): copy, never change."""
+    from dpokit.config import load_config
+    from dpokit.train import train
+    from tests.bad_input import BASE_RUN, RUN_ARGS
+
+    root = tmp_path_factory.mktemp("base")
+    data = write_jsonl(root / "data.jsonl", hh_rows(12))
+    names = {"model": str(tiny_model), "data": str(data), "out": str(root / "run")}
+    train(load_config(None, [a.format(**names) for a in (*RUN_ARGS, *BASE_RUN)]))
+    return root / "run"

@@ -172,7 +172,7 @@ def test_an_empty_section_is_an_empty_mapping(tmp_path: Path, capsys) -> None:
 def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only dpokit's UserError becomes one line; anything else (a ValueError included) is a bug and propagates."""
 
-    def buggy(config, resume=False):
+    def buggy(config, resume=False, overwrite=False):
         raise ValueError("an internal inconsistency")
 
     monkeypatch.setattr(importlib.import_module("dpokit.train"), "train", buggy)  # `dpokit.train` is the function

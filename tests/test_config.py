@@ -97,3 +97,51 @@ def test_loss_rules_read_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(LOSSES, "toy", LossSpec(sigmoid_loss, "pairs", "unused"))
     with pytest.raises(ConfigError, match="loss.name=toy trains without a reference"):
         load_config(None, ["loss.name=toy"])
+
+
+def test_every_number_in_the_schema_has_a_range() -> None:
+    import dataclasses
+    import typing
+
+    from dpokit.config_checks import BOUNDS
+
+    def numbers(cls: type, where: str) -> set[str]:
+        found = set()
+        for name, hint in typing.get_type_hints(cls).items():
+            kinds = {hint, *typing.get_args(hint)}
+            if {int, float} & kinds:
+                found.add(f"{where}{name}")
+            for kind in kinds:
+                if dataclasses.is_dataclass(kind):  # a section, or an optional one such as model.lora
+                    found |= numbers(kind, f"{where}{name}.")
+        return found
+
+    assert numbers(RunConfig, "") == set(BOUNDS)
+
+
+def test_values_at_the_edge_of_their_range_are_accepted() -> None:
+    edge = [
+        "loss.label_smoothing=0.49",
+        "data.eval_fraction=0",
+        "train.max_grad_norm=null",
+        "train.seed=9223372036854775807",
+        "train.max_steps=1",
+        "train.warmup_steps=0",
+        "train.weight_decay=0",
+        "train.compile=true",
+        "train.compile_memory_budget=1",
+        "data.max_length=2",
+        "data.max_prompt_length=1",
+    ]
+    config = load_config(None, edge)
+    assert config.train.seed == 2**63 - 1 and config.data.max_length == 2
+    assert load_config(None, ["loss.name=dpo_nll", "loss.nll_alpha=0"]).loss.nll_alpha == 0
+
+
+def test_yaml_merge_keys_may_override_but_plain_duplicates_may_not(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  <<: {lr: 0.1, epochs: 2}\n  lr: 0.2\n")
+    assert load_config(f).train.lr == 0.2
+    f.write_text("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"line 4: key 'lr' is given twice \(first on line 2\)"):
+        load_config(f)

@@ -21,6 +21,7 @@ def _config(tiny_model: Path, data: Path, out: Path, *extra: str):
 
 
 _metrics = read_metrics
+PRE = ("reference.mode=precomputed",)  # the config of the run that will use the cache
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -141,7 +142,7 @@ def test_precomputed_reference_matches_and_mismatch_is_refused(tiny_model: Path,
 
     cache = tmp_path / "ref.safetensors"
     precompute_reference(
-        _config(tiny_model, hh_file, tmp_path / "pre", f"reference.cache={cache}", "data.eval_fraction=0.2")
+        _config(tiny_model, hh_file, tmp_path / "pre", *PRE, f"reference.cache={cache}", "data.eval_fraction=0.2")
     )
     train(_config(tiny_model, hh_file, tmp_path / "copy", "train.max_steps=3", "data.eval_fraction=0.2"))
     train(
@@ -186,7 +187,7 @@ def test_precompute_ref_with_flex_attention_gives_the_sdpa_cache(
     for attn in ("sdpa", "flex_attention"):
         caches[attn] = tmp_path / f"{attn}.safetensors"
         extra = (f"model.attn_implementation={attn}", f"reference.cache={caches[attn]}", "data.eval_fraction=0.2")
-        precompute_reference(_config(tiny_model, hh_file, tmp_path / attn, *extra))
+        precompute_reference(_config(tiny_model, hh_file, tmp_path / attn, *PRE, *extra))
     dense, flex = load_file(str(caches["sdpa"])), load_file(str(caches["flex_attention"]))
     assert dense.keys() == flex.keys() and len(dense) >= 2
     for name in dense:
@@ -200,7 +201,7 @@ def test_bf16_weights_train_and_match_their_precomputed_reference(
 
     cache = tmp_path / "ref.safetensors"
     bf16 = ("model.dtype=bf16", f"reference.cache={cache}")
-    precompute_reference(_config(tiny_model, hh_file, tmp_path / "pre", *bf16))
+    precompute_reference(_config(tiny_model, hh_file, tmp_path / "pre", *PRE, *bf16))
     train(_config(tiny_model, hh_file, tmp_path / "run", "train.max_steps=2", "reference.mode=precomputed", *bf16))
     assert {w.dtype for w in _weights(tmp_path / "run").values()} == {torch.bfloat16}
     # Policy and cached reference are the same bf16 model at step 1; only the row packing differs.

@@ -285,7 +285,9 @@ def test_precomputed_reference_from_another_tokenizer_is_refused_before_loading(
         num_heads=2,
     )
     cache = tmp_path / "ref.safetensors"
-    precompute_reference(_config(other, hh_file, tmp_path / "pre", f"reference.cache={cache}"))
+    precompute_reference(
+        _config(other, hh_file, tmp_path / "pre", "reference.mode=precomputed", f"reference.cache={cache}")
+    )
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the cache was checked")

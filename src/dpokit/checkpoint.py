@@ -9,6 +9,7 @@ A checkpoint is written to `<name>.tmp` and renamed into place, so a folder name
 from __future__ import annotations
 
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,11 @@ from dpokit import distributed
 from dpokit.config import RunConfig, save_config
 from dpokit.errors import UserError
 from dpokit.lora import is_peft, load_adapter_weights
+from dpokit.resume import seal
 
 STATE_FILE = "trainer_state.pt"
+STEP_NAME = re.compile(r"step-(\d+)")
+"""A checkpoint folder's name; anything else in checkpoints/ (`step-2.bak`, `step-4.tmp`) is not a checkpoint."""
 
 
 class CheckpointMismatch(UserError):
@@ -56,8 +60,10 @@ def save_checkpoint(
     step: int,
     config: RunConfig,
     skipped_steps: int = 0,
+    digests: dict[str, str] | None = None,
 ) -> None:
-    """A resumable checkpoint at `out` (e.g. runs/x/checkpoints/step-100)."""
+    """A resumable checkpoint at `out` (e.g. runs/x/checkpoints/step-100); `digests` of the run's data go into its
+    record (see resume.py)."""
     if not distributed.is_main():
         return
     tmp = _write_model(model, tokenizer, out, config)
@@ -73,13 +79,23 @@ def save_checkpoint(
         },
     }
     torch.save(state, tmp / STATE_FILE)
+    seal(tmp, step, config, digests or {})
+    if out.exists():  # a damaged checkpoint a resume went back past
+        shutil.rmtree(out)
     tmp.rename(out)
+
+
+def step_folders(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every folder named like a checkpoint."""
+    if not checkpoint_dir.is_dir():
+        return []
+    return [(int(m[1]), p) for p in checkpoint_dir.iterdir() if p.is_dir() and (m := STEP_NAME.fullmatch(p.name))]
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
-    done = [p for p in checkpoint_dir.glob("step-*") if not p.name.endswith(".tmp") and (p / STATE_FILE).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    done = [(step, p) for step, p in step_folders(checkpoint_dir) if (p / STATE_FILE).exists()]
+    return max(done)[1] if done else None
 
 
 def _load_full_weights(path: Path, model: Any) -> None:
@@ -101,11 +117,11 @@ def _load_full_weights(path: Path, model: Any) -> None:
 def load_training_state(path: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, int]:
     """Restore weights, optimizer, scheduler and RNG from a checkpoint; return the step to continue from and the
     number of updates skipped so far (non-finite steps)."""
-    if is_peft(model):
+    state = torch.load(path / STATE_FILE, weights_only=False)  # read before the model changes: a damaged file
+    if is_peft(model):  # leaves it as it was, for the checkpoint before (resume.py)
         load_adapter_weights(model, path)  # an adapter checkpoint (PEFT's format): the frozen weights are the model's
     else:
         _load_full_weights(path, model)
-    state = torch.load(path / STATE_FILE, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])

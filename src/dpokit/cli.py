@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import signal
 import sys
 import textwrap
 import typing
@@ -49,6 +50,19 @@ def _config(path: str | None, overrides: Sequence[str], command: str) -> RunConf
         section(raw, "reference")["mode"] = "none"
     for override in overrides:
         apply_override(raw, override)
+    if command == "sft" and section(raw, "loss").get("name") != "sft":
+        raise ConfigError(
+            f"`dpokit sft` trains with loss.name=sft, but an override sets loss.name={raw['loss']['name']}"
+        )
+    if command == "precompute-ref":
+        # The config describes the DPO run the cache is for; precompute-ref scores with reference.path or model.path.
+        if section(raw, "reference").get("mode") == "none":
+            raise ConfigError("precompute-ref has nothing to compute with reference.mode=none (reference-free)")
+        if not raw["reference"].get("cache"):
+            raise ConfigError(
+                "precompute-ref writes to reference.cache: set it, e.g. reference.cache=runs/ref.safetensors"
+            )
+        raw["reference"]["mode"] = "precomputed"
     return from_dict(raw)
 
 
@@ -159,8 +173,12 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("args", nargs="*", help="CONFIG.yaml and section.field=value overrides")
         if name != "precompute-ref":
-            p.add_argument(
+            once = p.add_mutually_exclusive_group()
+            once.add_argument(
                 "--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir"
+            )
+            once.add_argument(
+                "--overwrite", action="store_true", help="replace the run in train.output_dir (only what dpokit wrote)"
             )
     p = sub.add_parser(
         "preview", help="show which tokens are prompt and which are trained, with counts", parents=[debug]
@@ -228,6 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"dpokit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        stage = "a run that had started keeps its last checkpoint (continue with --resume)"
+        print(f"dpokit {args.command}: interrupted (SIGINT); {stage}", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -242,7 +264,7 @@ def _run(args: argparse.Namespace) -> int:
         from dpokit.train import Interrupted, train
 
         try:
-            summary = train(config, resume=args.resume)
+            summary = train(config, resume=args.resume, overwrite=args.overwrite)
         except Interrupted as e:
             print(f"dpokit {args.command}: {e}", file=sys.stderr)
             return 128 + e.signum
@@ -271,7 +293,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "init-model":
         from dpokit.data.formats import Use, load_records, record_texts, sniff_format
         from dpokit.model import init_model
+        from dpokit.runfolder import check_new_folder
 
+        check_new_folder(args.out, "init-model --out")
         fmt = sniff_format(args.data, args.text_field)
         use: Use = "sft" if fmt in ("text", "completion") else "pairs"
         records, _ = load_records(args.data, fmt, use, "skip", text_field=args.text_field)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from dpokit.errors import UserError
+from dpokit.config_checks import check_fields, parse_yaml, read_yaml_file
+from dpokit.errors import ConfigError
 from dpokit.losses import LOSSES
 
 ReferenceMode = Literal["copy", "path", "precomputed", "none"]
@@ -30,10 +32,6 @@ Layout = Literal["auto", "padded", "packed"]
 WeightDtype = Literal["fp32", "bf16"]
 T = TypeVar("T")
 TrackerName = Literal["tensorboard", "wandb", "trackio"]
-
-
-class ConfigError(UserError, ValueError):
-    """A config problem a person can fix: the message names the key and what to do."""
 
 
 @dataclass(frozen=True)
@@ -52,10 +50,7 @@ class LoraConfig:
     """Modules trained in full next to the adapters and saved with them (e.g. `lm_head`)."""
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"model.lora.r must be at least 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        check_fields("model.lora", self)
         if not self.target_modules:
             raise ConfigError("model.lora.target_modules is empty; name modules or use all-linear")
         if "all-linear" in self.target_modules and len(self.target_modules) > 1:
@@ -83,6 +78,16 @@ class ModelConfig:
     """Weights, gradients and optimizer state. fp32 (with bf16 autocast on GPU: mixed precision), or bf16: half the
     memory for all three, as when a model is loaded with `dtype=torch.bfloat16` elsewhere. With bf16 weights an
     update smaller than about 0.2-0.4% of a weight rounds away, so very small learning rates train little."""
+
+    def __post_init__(self) -> None:
+        check_fields("model", self)
+        if self.gguf_file is not None and not self.gguf_file.endswith(".gguf"):
+            raise ConfigError(f"model.gguf_file={self.gguf_file!r} must name a .gguf file inside model.path")
+        if self.gguf_file is not None and self.path.endswith(".gguf"):
+            raise ConfigError(
+                f"model.path={self.path!r} is a .gguf file and model.gguf_file={self.gguf_file!r} names another; "
+                "give one: the file as model.path, or its folder as model.path and the file as model.gguf_file"
+            )
 
 
 @dataclass(frozen=True)
@@ -122,13 +127,27 @@ class DataConfig:
     """Malformed rows: `raise` stops with file:line; `skip` counts and skips them."""
 
     def __post_init__(self) -> None:
+        check_fields("data", self)
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"data.max_prompt_length ({self.max_prompt_length}) must be below data.max_length "
                 f"({self.max_length}), or no completion token would fit"
             )
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_path and self.eval_fraction > 0:
+            raise ConfigError(
+                f"data.eval_path ({self.eval_path}) and data.eval_fraction ({self.eval_fraction}) both choose the "
+                "held-out data; set one of them"
+            )
+        if self.eval_path and self.train_path and os.path.abspath(self.eval_path) == os.path.abspath(self.train_path):
+            raise ConfigError(
+                f"data.eval_path is the training file ({self.eval_path}): held-out data must be other rows "
+                "(or use data.eval_fraction to hold some out)"
+            )
+        if self.max_eval_examples is not None and not (self.eval_path or self.eval_fraction):
+            raise ConfigError(
+                f"data.max_eval_examples={self.max_eval_examples} but there is no held-out data: set data.eval_path "
+                "or data.eval_fraction, or leave max_eval_examples out"
+            )
 
 
 @dataclass(frozen=True)
@@ -142,6 +161,19 @@ class ReferenceConfig:
     """File of precomputed reference log-probs (mode `precomputed`, and where precompute-ref writes)."""
 
     def __post_init__(self) -> None:
+        check_fields("reference", self)
+        unused = {"copy": ("path", "cache"), "none": ("path", "cache"), "path": ("cache",)}.get(self.mode, ())
+        for name in unused:
+            if getattr(self, name) is not None:
+                raise ConfigError(
+                    f"reference.{name}={getattr(self, name)!r} is not used with reference.mode={self.mode}: "
+                    + (
+                        "use reference.mode=precomputed for a cache"
+                        if name == "cache"
+                        else "use reference.mode=path to train against another model"
+                    )
+                    + f", or leave reference.{name} out"
+                )
         if self.mode == "path" and not self.path:
             raise ConfigError("reference.mode=path needs reference.path (a model folder or .gguf file)")
         if self.mode == "precomputed" and not self.cache:
@@ -162,10 +194,7 @@ class LossConfig:
     """α of unlikelihood: weight of the token-wise log(1 − p) term on the rejected completion."""
 
     def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError(f"loss.beta must be positive, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check_fields("loss", self)
         spec = LOSSES.get(self.name)
         if spec is None:
             raise ConfigError(
@@ -244,8 +273,7 @@ class TrainConfig:
     Default: tensorboard when it is installed."""
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.compile_memory_budget <= 1.0:
-            raise ConfigError(f"train.compile_memory_budget must be in (0, 1], got {self.compile_memory_budget}")
+        check_fields("train", self)
         if self.compile_memory_budget < 1.0 and not self.compile:
             raise ConfigError("train.compile_memory_budget applies with train.compile=true only")
         if self.precision == "fp16":
@@ -258,6 +286,8 @@ class TrainConfig:
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size "
                 f"({self.micro_batch_size})"
             )
+        if self.precision == "bf16" and self.device == "cpu":
+            raise ConfigError("train.precision=bf16 needs a CUDA device, and train.device=cpu: use fp32 or auto on CPU")
 
 
 @dataclass(frozen=True)
@@ -277,6 +307,11 @@ class RunConfig:
             raise ConfigError(
                 f"reference.mode=none (reference-free) is defined for loss.name={', '.join(free)} only; "
                 f"loss.name={name} needs a reference (reference.mode=copy, path or precomputed)"
+            )
+        if self.train.eval_every and not (self.data.eval_path or self.data.eval_fraction):
+            raise ConfigError(
+                f"train.eval_every={self.train.eval_every} but there is no held-out data: set data.eval_path or "
+                "data.eval_fraction, or train.eval_every=0"
             )
 
 
@@ -315,6 +350,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         item_type = typing.get_args(tp)[0]
         return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(items))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 2**1023:
+            raise ConfigError(f"{where}={value}: too large for a float")
         return float(value)
     if tp is float and isinstance(value, str):
         # YAML 1.1 reads `3e-4` (no dot) as a string.
@@ -322,6 +359,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if value is None and tp in (int, float, str, bool):
+        raise ConfigError(f"{where} needs a {tp.__name__} value, got none (null or an empty override)")
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -347,12 +386,7 @@ def _build(cls: Any, raw: Any, where: str) -> Any:
             kwargs[key] = _build(tp, value or {}, path)
         else:
             kwargs[key] = _coerce(value, tp, path)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where or 'config'}: {e}") from e
+    return cls(**kwargs)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -364,7 +398,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     node = raw
     for part in parts[:-1]:
         node = section(node, part, f"override '{override}': ")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    node[parts[-1]] = parse_yaml(text, f"override '{override}'") if text.strip() else None
 
 
 def section(raw: dict[str, Any], name: str, where: str = "") -> dict[str, Any]:
@@ -384,16 +418,7 @@ def section_from_dict(cls: type[T], raw: dict[str, Any], where: str) -> T:
 def load_raw(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
-    if not Path(path).is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return raw
+    return read_yaml_file(path)
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:

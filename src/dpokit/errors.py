@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input, settings or environment: the message names the file, key or value and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config problem a person can fix: the message names the key and the value, and what to do."""

@@ -10,12 +10,18 @@ from dpokit.data.prepare import prepare_data
 from dpokit.device import autocast_for, pick_device
 from dpokit.losses import LOSSES
 from dpokit.model import DTYPES, load_model, load_tokenizer
-from dpokit.reference import cache_parts, save_cache, score, tokenizer_digest, weights_digest
+from dpokit.reference import cache_parts, is_cache, save_cache, score, tokenizer_digest, weights_digest
 
 
 def precompute_reference(config: RunConfig) -> Path:
     if not config.reference.cache:
         raise ConfigError("precompute-ref writes to reference.cache: set it, e.g. reference.cache=runs/ref.safetensors")
+    cache = Path(config.reference.cache)
+    if cache.is_dir() or (cache.exists() and not is_cache(cache)):
+        raise ConfigError(
+            f"reference.cache={cache} exists and is not a reference cache dpokit wrote; precompute-ref replaces only "
+            "its own caches: choose another path"
+        )
     device = pick_device(config.train.device)
     autocast = autocast_for(config.train.precision, device)
     tokenizer = load_tokenizer(config.model.path, config.model.gguf_file, config.model.revision)

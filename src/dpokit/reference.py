@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -97,9 +97,35 @@ def score(
 
 
 def save_cache(path: str | Path, parts: dict[str, str], logps: dict[str, Tensor], info: dict[str, str]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """Write the cache atomically (a kill leaves the previous file or none, never half of one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {f"digest/{k}": v for k, v in parts.items()} | info
-    save_file({k: v.contiguous() for k, v in logps.items()}, str(path), metadata=meta)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in logps.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def cache_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a reference cache; a file that is not a readable safetensors file is named as such."""
+    if Path(path).is_dir():
+        raise ReferenceMismatch(f"reference.cache={path} is a folder; give the file precompute-ref writes")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (OSError, SafetensorError) as e:
+        raise ReferenceMismatch(
+            f"reference.cache={path} is not a readable safetensors file ({e}); it may be truncated: make it again "
+            "with `dpokit precompute-ref`"
+        ) from None
+
+
+def is_cache(path: str | Path) -> bool:
+    """Whether `path` is a reference cache precompute-ref wrote (so that writing it again replaces nothing else)."""
+    try:
+        return any(k.startswith("digest/") for k in cache_metadata(path))
+    except ReferenceMismatch:
+        return False
 
 
 PART_NAMES = {
@@ -115,8 +141,7 @@ def check_cache(path: str | Path, parts: dict[str, str]) -> None:
     """Compare a cache's digests with this run's; raise naming every part that differs."""
     if not Path(path).exists():
         raise ConfigError(f"reference.cache '{path}' does not exist; make it with `dpokit precompute-ref`")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    meta = cache_metadata(path)
     differ = [PART_NAMES[k] for k, v in parts.items() if meta.get(f"digest/{k}") != v]
     if differ:
         raise ReferenceMismatch(

@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dpokit import distributed, tracking
-from dpokit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_model
+from dpokit import resume as resume_checks
+from dpokit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_model, step_folders
 from dpokit.config import ConfigError, RunConfig, save_config, to_dict
 from dpokit.data.batching import AnyBatch, Collate, batches_in_order, collate_for, step_examples
 from dpokit.data.prepare import PreparedData, prepare_data
@@ -38,6 +39,7 @@ from dpokit.metrics import MetricsLog, Stats, averaged, to_host
 from dpokit.model import DTYPES, compile_layers, compiler_memory_budget, load_model, load_tokenizer
 from dpokit.optim import make_optimizer, make_scheduler
 from dpokit.reference import ReferenceFn, cache_parts, check_cache, make_reference, tokenizer_digest, weights_digest
+from dpokit.runfolder import RunFolder, claim
 
 
 def batch_loss(
@@ -94,6 +96,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     make_batch: Collate
     total_steps: int
+    digests: dict[str, str]
+    """Of the tokenizer and the tokenized data: what a checkpoint's record checks a resume against."""
     start_step: int = 0
     """The step the run continues from: the checkpoint's with --resume, else 0."""
     skipped_steps: int = 0
@@ -141,10 +145,17 @@ def stop_requests() -> Iterator[dict[str, int]]:
             signal.signal(sig, handler)
 
 
-def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
-    """Run SFT or preference optimisation as the config says; return the summary (also in summary.json)."""
+def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run SFT or preference optimisation as the config says; return the summary (also in summary.json).
+    `resume` continues the run in `train.output_dir`, `overwrite` replaces it; without either the folder must hold
+    no run (runfolder.py)."""
+    with claim(config, resume, overwrite) as folder:
+        return _train(config, folder, resume)
+
+
+def _train(config: RunConfig, folder: RunFolder, resume: bool) -> dict[str, Any]:
     t = config.train
-    run = set_up(config, resume)
+    run = set_up(config, folder, resume)
     policy, optimizer, scheduler, device = run.policy, run.optimizer, run.scheduler, run.device
     per_token = LOSSES[config.loss.name].per_token
     eval_batches = batches_in_order(run.data.eval, t.micro_batch_size, run.make_batch)
@@ -228,6 +239,7 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
                     done,
                     config,
                     skipped_steps,
+                    run.digests,
                 )
             if stop_flag:
                 log.close()
@@ -235,9 +247,10 @@ def train(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     return finish(config, run, log, train_metrics, eval_batches)
 
 
-def set_up(config: RunConfig, resume: bool) -> Run:
+def set_up(config: RunConfig, folder: RunFolder, resume: bool) -> Run:
     """Device, precision and seeds; tokenizer and data; policy and reference; optimizer and schedule; with `resume`,
-    the newest checkpoint's state. Bad settings, paths and data fail here, before anything is written."""
+    the newest usable checkpoint's state (resume.py). Bad settings, paths and data fail here, before anything is
+    written into the claimed output folder."""
     t = config.train
     device = pick_device(t.device)
     if device.type == "cpu" and config.model.attn_implementation == "flex_attention":
@@ -248,8 +261,14 @@ def set_up(config: RunConfig, resume: bool) -> Run:
     autocast = autocast_for(t.precision, device)
     tracking.resolve(t.report_to)  # a tracker that is not installed fails here, before anything is written
     seed_everything(t.seed, t.deterministic)
+    out, checkpoints = folder.out, folder.out / "checkpoints"
+    resumable = resume_checks.choose(step_folders(checkpoints), config, checkpoints) if resume else []
     tokenizer = load_tokenizer(config.model.path, config.model.gguf_file, config.model.revision)
     data = prepare_data(config.data, tokenizer, LOSSES[config.loss.name].data)
+    digests = resume_checks.data_digests(tokenizer, data.train, data.eval)
+    if resumable:
+        for note in resume_checks.check_data(resumable[0], digests, config):
+            print(f"[resume] {note}")
     for line in data.train_report.lines():
         print(f"[data] {line}")
     if len(data.train) < t.batch_size:
@@ -257,8 +276,7 @@ def set_up(config: RunConfig, resume: bool) -> Run:
             f"{config.data.train_path}: {len(data.train)} training examples (counts above) are fewer than "
             f"train.batch_size={t.batch_size}; lower train.batch_size or give more data"
         )
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder.begin()
     save_config(config, out / "config.yaml")
     total_steps = t.max_steps if t.max_steps is not None else t.epochs * (len(data.train) // t.batch_size)
     policy, reference_logps = load_models(config, device, tokenizer, data)
@@ -266,11 +284,23 @@ def set_up(config: RunConfig, resume: bool) -> Run:
     scheduler = make_scheduler(config, optimizer, total_steps)
     make_batch = collate_for(config, policy, tokenizer.pad_token_id)
     run = Run(
-        out, device, autocast, tokenizer, data, policy, reference_logps, optimizer, scheduler, make_batch, total_steps
+        out,
+        device,
+        autocast,
+        tokenizer,
+        data,
+        policy,
+        reference_logps,
+        optimizer,
+        scheduler,
+        make_batch,
+        total_steps,
+        digests,
     )
-    if resume and (last := latest_checkpoint(out / "checkpoints")) is not None:
-        run.start_step, run.skipped_steps = load_training_state(last, policy, optimizer, scheduler)
-        print(f"[resume] from {last} at step {run.start_step}")
+    if resumable:
+        run.start_step, run.skipped_steps = resume_checks.restore(
+            resumable, config, digests, lambda path: load_training_state(path, policy, optimizer, scheduler)
+        )
     return run
 
 

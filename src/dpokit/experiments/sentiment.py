@@ -105,7 +105,7 @@ def _stage(path: Path, name: str, build: Callable[[], Any]) -> Any:
 def _train(raw: dict[str, Any]) -> dict[str, Any]:
     from dpokit.train import train
 
-    return train(from_dict(raw))
+    return train(from_dict(raw), overwrite=True)  # a stage that did not finish starts again
 
 
 class Demo:

@@ -1,0 +1,186 @@
+"""What a config is checked against before anything runs: the range of every number, the shape of a few strings, and
+the YAML file itself (readable, UTF-8, not empty, no key given twice).
+
+`BOUNDS` is the one table of numeric ranges; `config.py`'s dataclasses call `check_fields` from `__post_init__`, so a
+config built from YAML, from overrides or in Python is checked alike. Rules between fields stay in `config.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpokit.errors import ConfigError
+
+INT_LIMIT = 2**63 - 1
+"""The largest integer any field takes: torch keeps steps, sizes and seeds in 64-bit integers."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a number; `low`/`high` are included unless `open_low`/`open_high`; None: no bound."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    hint: str = ""
+    """What to do instead, added to the message (e.g. how to switch the feature off)."""
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.open_high and value == self.high))
+
+    def describe(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.open_low else '>='} {low}"
+        return f"{'<' if self.open_high else '<='} {high}"
+
+
+def _number(value: float | None) -> str:
+    return str(value) if isinstance(value, int) or value is None else f"{value:g}"
+
+
+POSITIVE = Bounds(0, open_low=True)
+AT_LEAST_ONE = Bounds(1)
+NOT_NEGATIVE = Bounds(0)
+
+BOUNDS: dict[str, Bounds] = {
+    "model.lora.r": AT_LEAST_ONE,
+    "model.lora.alpha": POSITIVE,
+    "model.lora.dropout": Bounds(0, 1, open_high=True),
+    "data.eval_fraction": Bounds(0, 1, open_high=True, hint="0 holds nothing out"),
+    "data.max_length": Bounds(2, hint="a prompt token and a completion token at least"),
+    "data.max_prompt_length": AT_LEAST_ONE,
+    "data.max_examples": Bounds(1, hint="null uses every row"),
+    "data.max_eval_examples": Bounds(1, hint="null uses every held-out row"),
+    "loss.beta": POSITIVE,
+    "loss.label_smoothing": Bounds(0, 0.5, open_high=True),
+    "loss.nll_alpha": NOT_NEGATIVE,
+    "loss.unlikelihood_alpha": NOT_NEGATIVE,
+    "train.seed": Bounds(0, INT_LIMIT),
+    "train.batch_size": AT_LEAST_ONE,
+    "train.micro_batch_size": AT_LEAST_ONE,
+    "train.epochs": AT_LEAST_ONE,
+    "train.max_steps": Bounds(1, hint="null trains for train.epochs"),
+    "train.lr": POSITIVE,
+    "train.weight_decay": NOT_NEGATIVE,
+    "train.warmup_steps": NOT_NEGATIVE,
+    "train.max_grad_norm": Bounds(0, open_low=True, hint="null disables clipping"),
+    "train.eval_every": Bounds(0, hint="0 evaluates at the end only"),
+    "train.save_every": Bounds(0, hint="0 saves the final model only"),
+    "train.log_every": Bounds(0, hint="0 writes no per-step metrics"),
+    "train.max_nonfinite_steps": NOT_NEGATIVE,
+    "train.pack_length": Bounds(0, hint="0 fits each micro-batch"),
+    "train.logits_chunk": AT_LEAST_ONE,
+    "train.compile_memory_budget": Bounds(0, 1, open_low=True),
+}
+"""Every int and float field of the schema, by `section.field` (a test checks that none is missing)."""
+
+NON_EMPTY = {"data.text_field", "model.attn_implementation", "train.output_dir"}
+"""String fields that must hold something when given (an empty output folder would mean the current folder)."""
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _check_number(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return  # wrong types are caught when the YAML is read; None is "not set"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value}: must be a finite number ({_explain(key)})")
+    if abs(value) > INT_LIMIT:
+        raise ConfigError(f"{key}={value}: beyond the 64-bit range torch accepts ({_explain(key)})")
+    bounds = BOUNDS.get(key)
+    if bounds is not None and not bounds.admits(value):
+        raise ConfigError(f"{key}={value}: must be {_explain(key)}")
+
+
+def _explain(key: str) -> str:
+    bounds = BOUNDS.get(key)
+    if bounds is None:
+        return "no range known"
+    return bounds.describe() + (f"; {bounds.hint}" if bounds.hint else "")
+
+
+def check_fields(section: str, obj: Any) -> None:
+    """Range-check every number and the shape of the strings of one config section (a dataclass instance)."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{section}.{f.name}", getattr(obj, f.name)
+        _check_number(key, value)
+        if key in NON_EMPTY and isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{key} is empty; give a value (or leave the key out for the default)")
+    if section == "train" and not DEVICE.fullmatch(obj.device):
+        hint = " (did you mean 'cuda'?)" if obj.device.lower() in ("gpu", "cuda0", "nvidia") else ""
+        raise ConfigError(f"train.device={obj.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps{hint}")
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(f"line {again}: key '{key}' is given twice (first on line {first}); keep one")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then overriding a key is YAML's own way of changing a default
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _Duplicate(key, seen[key], line)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML text; errors are one line naming `where` (a file or an override) and the line."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _Duplicate as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        place = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML: {place}{e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def read_yaml_file(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level mapping; one-line errors for a missing, unreadable, non-UTF-8 or empty file."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file '{path}' does not exist")
+    if p.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder; give the .yaml file inside it")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file '{path}' is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError(f"config file '{path}' holds no settings (it is empty or only comments)")
+    if not isinstance(raw, dict):
+        kind = type(raw).__name__
+        raise ConfigError(f"config file '{path}': the top level must be a mapping of sections, got {kind}")
+    return raw
