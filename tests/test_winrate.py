@@ -142,4 +142,4 @@ def test_against_chosen_uses_the_preferred_response() -> None:
 
     prompts = [PromptRow("3", "\n\nHuman: hi\n\nAssistant:", " Hello there!", (1, 2))]
     rows = [{"id": "3", "sample": 0, "prompt": prompts[0].prompt, "completion": " Hey "}]
-    assert against_chosen(rows, prompts) == [Pairing("3", 0, prompts[0].prompt, "Hey", "Hello there!")]
+    assert against_chosen(rows, prompts) == [Pairing("3", 0, prompts[0].prompt, " Hey ", " Hello there!")]

@@ -232,6 +232,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=20000, help="rows of text used to train the tokenizer")
     p.add_argument("--text-field", default="text", help="field of plain-text rows (e.g. review)")
     p.add_argument("--seed", type=int, default=0)
+    from dpokit.eval import commands as eval_commands
+
+    eval_commands.add_parsers(sub)
     return parser
 
 
@@ -253,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command in ("generate", "winrate"):
+        from dpokit.eval import commands as eval_commands
+
+        return eval_commands.run(args)
     if args.command in ("sft", "dpo", "precompute-ref"):
         path, overrides = _split_args(args.args)
         config = _config(path, overrides, args.command)

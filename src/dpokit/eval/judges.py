@@ -74,14 +74,11 @@ def saved_data_config(folder: str) -> DataConfig:
 def render(tokenizer: Any, data: DataConfig, prompt: Text, answer: str, where: str) -> TokenizedExample:
     """prompt + answer tokenized as training tokenizes a row (chat template when the run used one)."""
     completion: Text = answer
-    if data.chat and isinstance(prompt, str):
+    if data.chat and isinstance(prompt, str):  # as training's data.chat renders HH transcripts (answers stripped)
         messages = [m for m in hh_messages(prompt) if m["content"] or m["role"] != "assistant"]
-        prompt, completion = (
-            messages or [{"role": "user", "content": prompt}],
-            [{"role": "assistant", "content": answer}],
-        )
-    elif isinstance(prompt, list):
-        completion = [{"role": "assistant", "content": answer}]
+        prompt = messages or [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list):
+        completion = [{"role": "assistant", "content": answer.strip()}]
     example = tokenize_record(
         Record(prompt, (completion,), where), tokenizer, data.max_length, data.max_prompt_length, DataReport()
     )
@@ -161,15 +158,19 @@ class ImplicitRewardJudge:
 
 
 class LocalLMJudge:
-    """`hf:PATH`: the paper's question to a local causal LM, answered by comparing the probabilities of the tokens
-    `A` and `B` right after `<verdict label>:` in the assistant's turn."""
+    """`hf:PATH`: the paper's question to a local causal LM, answered by the log-probabilities of the tokens `A` and
+    `B` right after `<verdict label>:` in the assistant's turn.
 
-    order_matters = True
+    Small models answer mostly by position (SmolLM2-135M-Instruct says A about 90% of the time whatever A is), so by
+    default (`debias`) each comparison is asked in both orders and the verdict is the sign of the mean log-odds
+    [log p(A) − log p(B)]_(A, B) − [log p(A) − log p(B)]_(B, A): a constant position bias cancels, and the order in
+    which the caller puts the answers no longer matters."""
 
-    def __init__(self, path: str, template: Template, batch_size: int = 8) -> None:
+    def __init__(self, path: str, template: Template, batch_size: int = 8, debias: bool = True) -> None:
         from dpokit.model import load_model, load_tokenizer
 
         self.name, self.template, self.batch_size = f"hf:{path}", template, batch_size
+        self.debias, self.order_matters = debias, not debias
         self.model = load_model(path).to(_device()).eval()
         self.tokenizer = load_tokenizer(path)
         self.answer_ids = [self._answer_token(x) for x in ("A", "B")]
@@ -195,8 +196,9 @@ class LocalLMJudge:
         raise JudgeError(f"{self.name}: the answer '{letter}' is not a single token after '{context}'")
 
     @torch.no_grad()
-    def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
-        verdicts = []
+    def log_odds(self, comparisons: Sequence[Comparison]) -> list[float]:
+        """log p(A) − log p(B) at the answer position, for each comparison as given."""
+        out: list[float] = []
         device = next(self.model.parameters()).device
         for start in range(0, len(comparisons), self.batch_size):
             chunk = comparisons[start : start + self.batch_size]
@@ -205,16 +207,23 @@ class LocalLMJudge:
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
             logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1]
             pair = torch.log_softmax(logits.float(), dim=-1)[:, self.answer_ids]  # (B, 2)
-            for a, b in pair.tolist():
-                verdict = by_score(a, b)
-                verdict.detail = {"logp_A": a, "logp_B": b, "p_A": float(torch.tensor([a, b]).softmax(0)[0])}
-                verdicts.append(verdict)
-        return verdicts
+            out += (pair[:, 0] - pair[:, 1]).tolist()
+        return out
+
+    def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
+        given = self.log_odds(comparisons)
+        if not self.debias:
+            return [Verdict(by_score(x, 0.0).outcome, detail={"log_odds_A": x}) for x in given]
+        swapped = self.log_odds([Comparison(c.prompt, c.b, c.a) for c in comparisons])
+        return [
+            Verdict(by_score(x - y, 0.0).outcome, detail={"log_odds_A": x, "log_odds_A_swapped": y})
+            for x, y in zip(given, swapped, strict=True)
+        ]
 
 
 def make_judge(spec: str, template: str = "dialogue", **options: Any) -> Judge:
     """A judge from its name: `rm:PATH`, `implicit:POLICY,REF`, `hf:PATH` or `openai:MODEL`. Options: `batch_size`
-    (local judges), `beta` (implicit), and those of `OpenAIJudge` (openai)."""
+    (local judges), `beta` (implicit), `debias` (hf), and those of `OpenAIJudge` (openai)."""
     kind, _, target = spec.partition(":")
     if not target:
         raise JudgeError(f"judge '{spec}': expected rm:PATH, implicit:POLICY,REF, hf:PATH or openai:MODEL")
@@ -229,7 +238,7 @@ def make_judge(spec: str, template: str = "dialogue", **options: Any) -> Judge:
             raise JudgeError(f"judge '{spec}': implicit needs two models, implicit:POLICY,REF")
         return ImplicitRewardJudge(parts[0], parts[1], options.get("beta"), **batch)
     if kind == "hf":
-        return LocalLMJudge(target, TEMPLATES[template], **batch)
+        return LocalLMJudge(target, TEMPLATES[template], debias=options.get("debias", True), **batch)
     if kind == "openai":
         from dpokit.eval.openai_judge import OpenAIJudge
 

@@ -33,7 +33,7 @@ class Template:
     def render(self, prompt: str, a: str, b: str) -> str:
         return (
             f"{self.question}\n\n{self.prompt_label}: {prompt}\n\n"
-            f"{self.answer_label} A:\n{a}\n\n{self.answer_label} B:\n{b}\n\n{self.closing}"
+            f"{self.answer_label} A:\n{a.strip()}\n\n{self.answer_label} B:\n{b.strip()}\n\n{self.closing}"
         )
 
     def render_verdict_only(self, prompt: str, a: str, b: str) -> str:

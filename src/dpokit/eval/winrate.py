@@ -37,10 +37,11 @@ class Pairing:
 
 
 def answer_text(completion: Text) -> str:
-    """A completion as plain text: HH completions keep a leading space, chat completions are message lists."""
+    """A completion as text, as it was written (HH completions keep their leading space, which scorers tokenize as
+    training did; the judging templates strip it); a chat completion's message contents."""
     if isinstance(completion, list):
-        return "\n".join(m["content"] for m in completion).strip()
-    return completion.strip()
+        return "\n".join(m["content"] for m in completion)
+    return completion
 
 
 def against_samples(candidates: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]]) -> list[Pairing]:
@@ -51,7 +52,7 @@ def against_samples(candidates: Sequence[dict[str, Any]], baseline: Sequence[dic
     for r in candidates:
         other = index.get((r["id"], r["sample"])) or index.get((r["id"], 0))
         if other is not None:
-            pairings.append(Pairing(r["id"], r["sample"], r["prompt"], r["completion"].strip(), other["completion"]))
+            pairings.append(Pairing(r["id"], r["sample"], r["prompt"], r["completion"], other["completion"]))
     if not pairings:
         raise UserError("no candidate row shares an id with the baseline samples: were they made from the same data?")
     return pairings
@@ -61,7 +62,7 @@ def against_chosen(candidates: Sequence[dict[str, Any]], prompts: Sequence[Promp
     """Pair each candidate row with the preferred response of its row in the data file."""
     chosen = {p.id: answer_text(p.chosen) for p in prompts}
     pairings = [
-        Pairing(r["id"], r["sample"], r["prompt"], r["completion"].strip(), chosen[r["id"]])
+        Pairing(r["id"], r["sample"], r["prompt"], r["completion"], chosen[r["id"]])
         for r in candidates
         if r["id"] in chosen
     ]
