@@ -40,6 +40,10 @@ VALIDATE_FIELDS = ("format", "text_field", "chat", "max_length", "max_prompt_len
 
 
 def _config(path: str | None, overrides: Sequence[str], command: str) -> RunConfig:
+    if command == "rm":
+        from dpokit.rm import reward_config
+
+        return reward_config(path, overrides)
     raw = load_raw(path)
     if command == "sft":
         # `dpokit sft` is SFT whatever the file says about losses, unless it says something else explicitly.
@@ -162,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
         ("sft", "supervised fine-tuning on completions (chosen responses, prompt/completion or text rows)"),
         ("dpo", "preference optimisation (DPO and its variants) against a reference model"),
         ("precompute-ref", "compute reference log-probs once and save them for reuse (reference.cache)"),
+        ("rm", "a Bradley-Terry reward model: the model's backbone with a scalar head, trained on preference pairs"),
     ):
         p = sub.add_parser(
             name,
@@ -260,7 +265,7 @@ def _run(args: argparse.Namespace) -> int:
         from dpokit.eval import commands as eval_commands
 
         return eval_commands.run(args)
-    if args.command in ("sft", "dpo", "precompute-ref"):
+    if args.command in ("sft", "dpo", "precompute-ref", "rm"):
         path, overrides = _split_args(args.args)
         config = _config(path, overrides, args.command)
         if args.command == "precompute-ref":

@@ -32,6 +32,7 @@ Layout = Literal["auto", "padded", "packed"]
 WeightDtype = Literal["fp32", "bf16"]
 T = TypeVar("T")
 TrackerName = Literal["tensorboard", "wandb", "trackio"]
+Head = Literal["lm", "score"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class ModelConfig:
     """Weights, gradients and optimizer state. fp32 (with bf16 autocast on GPU: mixed precision), or bf16: half the
     memory for all three, as when a model is loaded with `dtype=torch.bfloat16` elsewhere. With bf16 weights an
     update smaller than about 0.2-0.4% of a weight rounds away, so very small learning rates train little."""
+    head: Head = "lm"
+    """lm: a causal LM (policies); score: a reward model, the backbone of `path` with a scalar head, trained with
+    loss.name=bradley_terry and saved as a sequence-classification folder (`dpokit rm`)."""
 
     def __post_init__(self) -> None:
         check_fields("model", self)
@@ -192,6 +196,8 @@ class LossConfig:
     """α of dpo_nll: weight of the per-token NLL of the chosen completion."""
     unlikelihood_alpha: float = 1.0
     """α of unlikelihood: weight of the token-wise log(1 − p) term on the rejected completion."""
+    margin: float = 0.0
+    """m of bradley_terry: the reward margin a chosen response is asked to win by (Llama 2's margin term)."""
 
     def __post_init__(self) -> None:
         check_fields("loss", self)
@@ -300,6 +306,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         name, mode = self.loss.name, self.reference.mode
+        if (self.model.head == "score") != (name == "bradley_terry"):
+            raise ConfigError(
+                f"model.head={self.model.head} with loss.name={name}: a reward model (model.head=score) trains with "
+                "loss.name=bradley_terry, and bradley_terry trains reward models only (use `dpokit rm`)"
+            )
+        if self.model.head == "score" and self.train.layout == "packed":
+            raise ConfigError("model.head=score trains with train.layout=padded (or auto)")
         if LOSSES[name].reference == "unused" and mode != "none":
             raise ConfigError(f"loss.name={name} trains without a reference: set reference.mode=none")
         if LOSSES[name].reference == "required" and mode == "none":

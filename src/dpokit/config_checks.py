@@ -68,6 +68,7 @@ BOUNDS: dict[str, Bounds] = {
     "loss.label_smoothing": Bounds(0, 0.5, open_high=True),
     "loss.nll_alpha": NOT_NEGATIVE,
     "loss.unlikelihood_alpha": NOT_NEGATIVE,
+    "loss.margin": NOT_NEGATIVE,
     "train.seed": Bounds(0, INT_LIMIT),
     "train.batch_size": AT_LEAST_ONE,
     "train.micro_batch_size": AT_LEAST_ONE,

@@ -188,6 +188,20 @@ def sft_loss(policy_logps: Tensor) -> LossOutput:
     return LossOutput(-policy_logps.sum(dim=1), policy_logps.detach())
 
 
+def bradley_terry_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, margin: float = 0.0) -> LossOutput:
+    """The reward-model loss: the negative log-likelihood of the preference under Bradley-Terry (the DPO paper's
+    Eq. 2, as maximum likelihood), with Llama 2's margin term (Touvron et al. 2023, arXiv 2307.09288v2, Eq. 2, one
+    margin m for every pair):
+
+    loss = −log σ(r(x, y_w) − r(x, y_l) − m)
+
+    For a reward model (`model.head=score`) the training loop passes the scalar rewards r(x, y) where a policy's
+    log-probs go, so `policy_chosen_logps` is r(x, y_w). m = 0 is plain Bradley-Terry. Inputs are (B,); the rewards
+    returned are (r_w, r_l), so that the logged accuracy and margin are the reward model's pairwise ones."""
+    losses = -F.logsigmoid(policy_chosen_logps - policy_rejected_logps - margin)
+    return LossOutput(losses, torch.stack([policy_chosen_logps, policy_rejected_logps], dim=1).detach())
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """A registered loss: its function and the facts the config, the data pipeline and the training loop need."""
@@ -214,6 +228,7 @@ LOSSES: dict[str, LossSpec] = {
     "plackett_luce": LossSpec(plackett_luce_loss, "ranked", "required", {"beta": "beta"}),
     "unlikelihood": LossSpec(unlikelihood_loss, "pairs", "optional", {"beta": "beta", "alpha": "unlikelihood_alpha"}),
     "sft": LossSpec(sft_loss, "sft", "unused", per_token=True),
+    "bradley_terry": LossSpec(bradley_terry_loss, "pairs", "unused", {"margin": "margin"}),
 }
 """Every loss `loss.name` can name. The config's rules (which hyper-parameters apply, which losses may run
 reference-free) and the data each run loads are read from here."""

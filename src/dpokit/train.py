@@ -39,6 +39,7 @@ from dpokit.metrics import MetricsLog, Stats, averaged, to_host
 from dpokit.model import DTYPES, compile_layers, compiler_memory_budget, load_model, load_tokenizer
 from dpokit.optim import make_optimizer, make_scheduler
 from dpokit.reference import ReferenceFn, cache_parts, check_cache, make_reference, tokenizer_digest, weights_digest
+from dpokit.rm import load_reward_model, reward_logps
 from dpokit.runfolder import RunFolder, claim
 
 
@@ -47,7 +48,9 @@ def batch_loss(
 ) -> tuple[torch.Tensor, Stats]:
     """Summed loss over the batch's examples, and summed statistics left on the device (`metrics.to_host` brings a
     step's worth to the host at once; divide by the counts to average)."""
-    policy_logps, lengths, log1m = batch_logps(policy, batch, config.train.logits_chunk)
+    # A reward model's scalar rewards stand where a policy's log-probs go (loss bradley_terry).
+    logps_of = reward_logps if config.model.head == "score" else batch_logps
+    policy_logps, lengths, log1m = logps_of(policy, batch, config.train.logits_chunk)
     with torch.no_grad():
         ref_logps = reference_logps(batch, split)
     settings = dataclasses.asdict(config.loss)
@@ -315,7 +318,10 @@ def load_models(
         check_cache(str(config.reference.cache), data_parts)
     dtype = DTYPES[config.model.dtype]
     m = config.model
-    policy = load_model(m.path, m.gguf_file, m.attn_implementation, dtype, m.revision).to(device)
+    if m.head == "score":
+        policy = load_reward_model(m.path, m.dtype, m.attn_implementation)[0].to(device)
+    else:
+        policy = load_model(m.path, m.gguf_file, m.attn_implementation, dtype, m.revision).to(device)
     policy.config.use_cache = False
     if m.lora is not None:  # adapters on the frozen model; π_ref (mode copy) is the same model with them disabled
         policy = apply_lora(policy, m.lora, m.path, m.revision)

@@ -33,6 +33,8 @@ def step_examples(n: int, step: int, batch_size: int, seed: int) -> list[int]:
 def resolve_layout(config: RunConfig, model: Any) -> str:
     if config.train.layout != "auto":
         return config.train.layout
+    if config.model.head == "score":  # the packed layout computes an LM head; a reward model scores one token
+        return "padded"
     return "packed" if getattr(model.config, "model_type", None) in PACKED_MODEL_TYPES else "padded"
 
 

@@ -98,6 +98,8 @@ class RewardModelJudge:
     def __init__(self, path: str, batch_size: int = 16, data: DataConfig | None = None) -> None:
         from dpokit.rm import load_reward_model
 
+        if not Path(path).exists():
+            raise JudgeError(f"judge rm:{path}: no such reward model folder (train one with `dpokit rm`)")
         self.name = f"rm:{path}"
         self.model, self.tokenizer = load_reward_model(path)
         self.model.to(_device()).eval()
@@ -105,15 +107,9 @@ class RewardModelJudge:
         self.batch_size = batch_size
 
     def scores(self, prompts: Sequence[Text], answers: Sequence[str]) -> list[float]:
-        from dpokit.rm import score_examples
+        from dpokit.rm import score_texts
 
-        examples = self.render(prompts, answers)
-        tokenizer = self.tokenizer
-        return score_examples(self.model, examples, tokenizer.pad_token_id, tokenizer.eos_token_id, self.batch_size)
-
-    def render(self, prompts: Sequence[Text], answers: Sequence[str]) -> list[TokenizedExample]:
-        pairs = zip(prompts, answers, strict=True)
-        return [render(self.tokenizer, self.data, p, a, f"answer {i}") for i, (p, a) in enumerate(pairs)]
+        return score_texts(self.model, self.tokenizer, prompts, answers, self.data, self.batch_size)
 
     def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
         prompts = [c.prompt for c in comparisons]
