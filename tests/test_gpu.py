@@ -1,10 +1,13 @@
 """The GPU-only path, checked where it runs: FlexAttention training (PyTorch has no FlexAttention backward on CPU).
 
-Skipped without CUDA. `bench/gpu.sh` runs this file first on the GPU machine. The model is built here from a config
+The comparison is skipped without CUDA (`bench/gpu.sh` runs this file first on the GPU machine); the check that
+it leaves the process-wide TF32 flags as it found them runs anywhere. The model is built here from a config
 (no tokenizer, no shared data), so the file runs on a machine that has only the repository.
 """
 
+import contextlib
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,8 +19,32 @@ from dpokit.logprobs import packed_sequence_logps, sequence_logps
 from dpokit.losses import sigmoid_loss
 from tests.test_pack import _examples
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda"
+
+
+@contextlib.contextmanager
+def tf32_off() -> Iterator[None]:
+    """Exact fp32 matmuls and convolutions for the comparison; the flags are process-wide, so the previous values
+    come back afterwards (other tests in the session may rely on them)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_tf32_off_restores_the_flags_it_changes() -> None:
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    initial = matmul.allow_tf32, cudnn.allow_tf32
+    try:
+        for before in ((True, True), (True, False), (False, True)):
+            matmul.allow_tf32, cudnn.allow_tf32 = before
+            with tf32_off():
+                assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
+            assert (matmul.allow_tf32, cudnn.allow_tf32) == before
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = initial
 
 
 def _model(attn: str) -> torch.nn.Module:
@@ -37,10 +64,14 @@ def _model(attn: str) -> torch.nn.Module:
     return model.to(DEVICE).float().train()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("n", "short", "empty_last"), [(9, False, False), (1, False, False), (6, True, True)])
 def test_flex_training_gives_the_padded_logps_losses_and_gradients(n: int, short: bool, empty_last: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    with tf32_off():
+        _compare_flex_with_padded(n, short, empty_last)
+
+
+def _compare_flex_with_padded(n: int, short: bool, empty_last: bool) -> None:
     examples = _examples(random.Random(n), n, vocab=512, short=short, empty_last=empty_last, longest=(150, 200))
     padded = collate(examples, range(n), pad_id=0).to(DEVICE)
     packed = pack(examples, range(n), pad_id=0, capacity=2**62, multiple_of=FLEX_BLOCK).to(DEVICE)
@@ -48,7 +79,7 @@ def test_flex_training_gives_the_padded_logps_losses_and_gradients(n: int, short
     plain, flex = _model("sdpa"), _model("flex_attention")
     reference = sequence_logps(plain, padded).logps.detach() + 0.3
 
-    def run(model: torch.nn.Module, fn, batch):  # noqa: ANN001, ANN202
+    def run(model: torch.nn.Module, fn, batch):
         model.zero_grad(set_to_none=True)
         out = fn(model, batch)
         loss = sigmoid_loss(out.logps[:, 0], out.logps[:, 1], reference[:, 0], reference[:, 1], beta=0.5)

@@ -1,7 +1,9 @@
 """The training loop on a tiny model and real HH rows: DPO from ln 2, accumulation, resume, reference modes."""
 
+import importlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,30 @@ def test_gradient_accumulation_gives_the_large_batch_update(tiny_model: Path, hh
         assert torch.allclose(big[key], accum[key], atol=1e-5), key
 
 
+def test_statistics_reach_the_host_once_per_step(
+    tiny_model: Path, hh_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step adds its micro-batches' statistics where they were computed and converts them in one `to_host`,
+    instead of a float() per statistic and micro-batch (each a wait for the device on a GPU)."""
+    train_module = importlib.import_module("dpokit.train")  # `dpokit.train` itself is the function
+
+    calls = {"to_host": 0, "float": 0}
+    real_to_host, real_float = train_module.to_host, torch.Tensor.__float__
+
+    def counting_to_host(sums):
+        calls["to_host"] += 1
+        return real_to_host(sums)
+
+    def counting_float(tensor):
+        calls["float"] += 1
+        return real_float(tensor)
+
+    monkeypatch.setattr(train_module, "to_host", counting_to_host)
+    monkeypatch.setattr(torch.Tensor, "__float__", counting_float)
+    train(_config(tiny_model, hh_file, tmp_path / "run", "train.max_steps=3", "train.micro_batch_size=4"))
+    assert calls == {"to_host": 3, "float": 0}
+
+
 def test_sft_accumulation_normalises_by_tokens(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
     for name, micro in (("big", 8), ("accum", 4)):
         train(
@@ -86,7 +112,12 @@ def test_sft_accumulation_normalises_by_tokens(tiny_model: Path, hh_file: Path, 
     assert 3.0 < first["loss"] < 8.0  # a per-token NLL near log(vocab) at the start, not a per-sequence sum
 
 
-def test_resume_equals_uninterrupted(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
+def test_resume_equals_uninterrupted(
+    tiny_model: Path, hh_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run cut after step 2's checkpoint and resumed gives the uninterrupted run's weights and losses, and the
+    resumed process starts at the checkpoint: it computes steps 3-6 only (a seeded restart from step 0 would give the
+    same weights, so the weights alone cannot tell)."""
     extra = (
         "train.max_steps=6",
         "train.save_every=2",
@@ -94,30 +125,29 @@ def test_resume_equals_uninterrupted(tiny_model: Path, hh_file: Path, tmp_path: 
         "train.warmup_steps=3",
         "train.schedule=cosine",
     )
-    train(_config(tiny_model, hh_file, tmp_path / "full", *extra))
-    interrupted = tmp_path / "cut"
-    train(
-        _config(
-            tiny_model,
-            hh_file,
-            interrupted,
-            "train.max_steps=6",
-            "train.save_every=2",
-            "train.optimizer=rmsprop",
-            "train.warmup_steps=3",
-            "train.schedule=cosine",
-        )
-    )
-    # Throw away everything after step 2, as if the run had been killed at step 3.
-    for late in ("step-4",):
-        import shutil
+    assert train(_config(tiny_model, hh_file, tmp_path / "full", *extra))["resumed_from_step"] == 0
+    cut = tmp_path / "cut"
+    train(_config(tiny_model, hh_file, cut, *extra))
+    # Leave what a run killed during step 3 leaves: the step-2 checkpoint, no later one, no final model or summary.
+    shutil.rmtree(cut / "checkpoints" / "step-4")
+    shutil.rmtree(cut / "final")
+    (cut / "summary.json").unlink()
+    train_module = importlib.import_module("dpokit.train")  # `dpokit.train` itself is the function
 
-        shutil.rmtree(interrupted / "checkpoints" / late)
-    train(_config(tiny_model, hh_file, interrupted, *extra), resume=True)
-    full, resumed = _weights(tmp_path / "full"), _weights(interrupted)
+    computed, real_batch_loss = [], train_module.batch_loss
+
+    def counted(*args):
+        computed.append(args[-1])  # the split the batch belongs to
+        return real_batch_loss(*args)
+
+    monkeypatch.setattr(train_module, "batch_loss", counted)
+    summary = train(_config(tiny_model, hh_file, cut, *extra), resume=True)
+    assert summary["resumed_from_step"] == 2
+    assert json.loads((cut / "summary.json").read_text())["resumed_from_step"] == 2
+    assert computed == ["train"] * 4  # one micro-batch per step, steps 3 to 6
+    full, resumed = _weights(tmp_path / "full"), _weights(cut)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-    losses = [m["loss"] for m in _metrics(tmp_path / "full")]
-    assert [m["loss"] for m in _metrics(interrupted)][-4:] == losses[-4:]
+    assert [m["loss"] for m in _metrics(cut)] == [m["loss"] for m in _metrics(tmp_path / "full")]
 
 
 def test_reference_from_path_equals_copy(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:

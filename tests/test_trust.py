@@ -153,6 +153,10 @@ def _wait_for_rows(out: Path, rows: int, process: subprocess.Popen, limit: float
     raise AssertionError(f"the run did not reach {rows} steps")
 
 
+KILL_SEED = 20261128
+"""Seeds the draw of the step the SIGKILL test kills at; the draw and what it found are in every assertion message."""
+
+
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_is_exact(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
     steps = ["train.max_steps=10", "train.save_every=1"]
@@ -161,15 +165,28 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(tiny_model: Path, hh_file
     process = subprocess.Popen(
         _cli(tiny_model, hh_file, killed, *steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
     )
-    _wait_for_rows(killed, random.randint(2, 8), process)
+    kill_after = random.Random(KILL_SEED).randint(2, 8)
+    _wait_for_rows(killed, kill_after, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    subprocess.run(
-        [*_cli(tiny_model, hh_file, killed, *steps), "--resume"], check=True, capture_output=True, env=_env()
+    before = (killed / "metrics.jsonl").read_text().splitlines()
+    last = checkpoint_module.latest_checkpoint(killed / "checkpoints")
+    assert last is not None, f"killed after {kill_after} metric rows (seed {KILL_SEED}) with no checkpoint"
+    at = int(last.name.split("-")[1])
+    where = f"killed after {kill_after} metric rows (seed {KILL_SEED}, {len(before)} written), newest checkpoint {at}"
+    print(where)
+    resumed = subprocess.run(
+        [*_cli(tiny_model, hh_file, killed, *steps), "--resume"], check=True, capture_output=True, text=True, env=_env()
     )
-    assert _losses(killed) == _losses(tmp_path / "full")
-    full, resumed = (load_file(str(p / "final" / "model.safetensors")) for p in (tmp_path / "full", killed))
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    # The resumed process started at the checkpoint: it says so, its summary says so, and the rows of steps 1..at
+    # are still the killed process's own (their step_seconds would differ had they been computed again).
+    assert f"[resume] from {last} at step {at}" in resumed.stdout, where
+    assert json.loads((killed / "summary.json").read_text())["resumed_from_step"] == at, where
+    after = (killed / "metrics.jsonl").read_text().splitlines()
+    assert after[:at] == before[:at] and len(after) == 10, where
+    assert _losses(killed) == _losses(tmp_path / "full"), where
+    full, resumed_weights = (load_file(str(p / "final" / "model.safetensors")) for p in (tmp_path / "full", killed))
+    assert all(torch.equal(full[k], resumed_weights[k]) for k in full), where
 
 
 def _env() -> dict[str, str]:
