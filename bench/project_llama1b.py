@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from activation_memory import SavedActivations  # noqa: E402
-from bench_dpo import PRESETS, _params, make_pairs, make_workload  # noqa: E402
+from activation_memory import SavedActivations
+from bench_dpo import PRESETS, _params, make_pairs, make_workload
 
-from dpokit.data.batching import FLEX_BLOCK  # noqa: E402
-from dpokit.data.pack import PackedBatch, pack  # noqa: E402
-from dpokit.data.tokenize import TokenizedExample  # noqa: E402
+from dpokit.data.batching import FLEX_BLOCK
+from dpokit.data.pack import PackedBatch, pack
+from dpokit.data.tokenize import TokenizedExample
 
 GIB = 2**30
 

@@ -2,7 +2,7 @@
 # The main job: the paper's controlled-sentiment experiment (IMDb) in miniature, on CPU in under 10 minutes.
 # Trains pi_SFT, a sentiment reward, samples preference pairs, runs DPO over several beta and the baselines, and
 # writes runs/demo/frontier.png, results.json, results.csv and report.md. Stages are cached: rerun to resume.
-# Pass --quick for a 1-minute version.
+# Pass --quick for a smaller version (under a minute; README, Measured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

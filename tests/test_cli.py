@@ -16,7 +16,19 @@ from dpokit.config import ConfigError, DataConfig, RunConfig
 from dpokit.losses import LOSSES
 from tests.conftest import IMDB, ULTRAFEEDBACK_TRAIN
 
-COMMANDS = ["sft", "dpo", "precompute-ref", "preview", "demo", "export", "validate", "init-model"]
+COMMANDS = [
+    "sft",
+    "dpo",
+    "precompute-ref",
+    "rm",
+    "preview",
+    "validate",
+    "demo",
+    "export",
+    "init-model",
+    "generate",
+    "winrate",
+]
 
 
 def test_help_lists_the_commands(capsys) -> None:

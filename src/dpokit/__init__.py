@@ -9,13 +9,19 @@ The Python API runs the same stages as the command line:
 `dpokit.train` is the function; the training-loop module it comes from is `sys.modules["dpokit.train"]`.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from dpokit.config import ConfigError, RunConfig, from_dict, load_config, save_config, to_dict
 from dpokit.errors import UserError
 from dpokit.export import export
 from dpokit.precompute import precompute_reference
 from dpokit.train import Interrupted, train
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("dpokit")  # pyproject.toml is the one place the version is written
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
     "ConfigError",
     "Interrupted",

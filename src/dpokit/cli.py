@@ -153,15 +153,8 @@ def _data_config(args: argparse.Namespace, names: Sequence[str], **fixed: Any) -
     return section_from_dict(DataConfig, {"train_path": args.data, **fixed, **given}, "data")
 
 
-def _parser() -> argparse.ArgumentParser:
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of errors in input too"
-    )
-    parser = argparse.ArgumentParser(
-        prog="dpokit", description="Direct Preference Optimization for Hugging Face causal LMs.", parents=[debug]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_training_commands(sub: Any, debug: argparse.ArgumentParser) -> None:
+    """sft, dpo, precompute-ref and rm: a config file and overrides; --help lists the schema."""
     for name, text in (
         ("sft", "supervised fine-tuning on completions (chosen responses, prompt/completion or text rows)"),
         ("dpo", "preference optimisation (DPO and its variants) against a reference model"),
@@ -185,6 +178,10 @@ def _parser() -> argparse.ArgumentParser:
             once.add_argument(
                 "--overwrite", action="store_true", help="replace the run in train.output_dir (only what dpokit wrote)"
             )
+
+
+def _add_data_commands(sub: Any, debug: argparse.ArgumentParser) -> None:
+    """preview and validate: a data file, with the `data` section's fields as flags."""
     p = sub.add_parser(
         "preview", help="show which tokens are prompt and which are trained, with counts", parents=[debug]
     )
@@ -194,6 +191,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--examples", type=int, default=3, help="examples to show (default: 3)")
     p.add_argument("--sft", action="store_true", help="preview SFT examples (one completion each)")
     p.add_argument("--plain", action="store_true", help="no colours")
+    p = sub.add_parser(
+        "validate", help="check a data file: every malformed row with file:line and field, and counts", parents=[debug]
+    )
+    p.add_argument("data", help="data file or save_to_disk folder (data.train_path)")
+    _add_data_flags(p, VALIDATE_FIELDS)
+    p.add_argument("--sft", action="store_true", help="validate for SFT (one completion per example)")
+    p.add_argument("--model", help="also tokenize with this model's tokenizer and count truncations and drops")
+
+
+def _parser() -> argparse.ArgumentParser:
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of errors in input too"
+    )
+    parser = argparse.ArgumentParser(
+        prog="dpokit", description="Direct Preference Optimization for Hugging Face causal LMs.", parents=[debug]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_training_commands(sub, debug)
+    _add_data_commands(sub, debug)
     p = sub.add_parser(
         "demo", help="the paper's controlled-sentiment experiment (IMDb): reward/KL frontier of DPO", parents=[debug]
     )
@@ -218,13 +235,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder (its final/ is exported) or a checkpoint folder")
     p.add_argument("out", help="new output folder")
     p.add_argument("--merge", action="store_true", help="LoRA runs: merge the adapter into the base model's weights")
-    p = sub.add_parser(
-        "validate", help="check a data file: every malformed row with file:line and field, and counts", parents=[debug]
-    )
-    p.add_argument("data", help="data file or save_to_disk folder (data.train_path)")
-    _add_data_flags(p, VALIDATE_FIELDS)
-    p.add_argument("--sft", action="store_true", help="validate for SFT (one completion per example)")
-    p.add_argument("--model", help="also tokenize with this model's tokenizer and count truncations and drops")
     p = sub.add_parser(
         "init-model", help="create a small random Llama with a BPE tokenizer trained on a data file", parents=[debug]
     )

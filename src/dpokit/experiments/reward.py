@@ -40,4 +40,4 @@ class SentimentReward:
 
     @classmethod
     def load(cls, path: Path) -> SentimentReward:
-        return cls(pickle.loads(path.read_bytes()))  # noqa: S301 (our own cache file)
+        return cls(pickle.loads(path.read_bytes()))  # our own cache file, so unpickling it is safe
