@@ -8,9 +8,7 @@ key and suggest the nearest valid one.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from dpokit.config_checks import check_fields, parse_yaml, read_yaml_file
+from dpokit.config_checks import build, check_fields, parse_yaml, read_yaml_file, suggest
 from dpokit.errors import ConfigError
 from dpokit.losses import LOSSES
 
@@ -204,7 +202,7 @@ class LossConfig:
         spec = LOSSES.get(self.name)
         if spec is None:
             raise ConfigError(
-                f"loss.name: {self.name!r} is not one of: {', '.join(LOSSES)}{_suggest(self.name, LOSSES)}"
+                f"loss.name: {self.name!r} is not one of: {', '.join(LOSSES)}{suggest(self.name, LOSSES)}"
             )
         # A hyper-parameter the loss does not read would be silently ignored. β is left out: every loss but sft
         # reads it, and configs share it across losses.
@@ -328,80 +326,6 @@ class RunConfig:
             )
 
 
-def _suggest(key: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            choices = ", ".join(map(str, typing.get_args(tp)))
-            raise ConfigError(
-                f"{where}: {value!r} is not one of: {choices}{_suggest(str(value), map(str, typing.get_args(tp)))}"
-            )
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is tuple:
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        item_type = typing.get_args(tp)[0]
-        return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(items))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        if abs(value) > 2**1023:
-            raise ConfigError(f"{where}={value}: too large for a float")
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads `3e-4` (no dot) as a string.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if value is None and tp in (int, float, str, bool):
-        raise ConfigError(f"{where} needs a {tp.__name__} value, got none (null or an empty override)")
-    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _build(cls: Any, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown key '{path}'{_suggest(str(key), names)}")
-        tp = hints[key]
-        optional = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):  # an optional section, e.g. model.lora
-            tp = optional[0] if value is not None else type(None)
-        if tp is type(None):
-            kwargs[key] = None
-        elif dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, path)
-        else:
-            kwargs[key] = _coerce(value, tp, path)
-    return cls(**kwargs)
-
-
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply one `section.field=value` override to a raw config mapping, in place."""
     if "=" not in override:
@@ -425,7 +349,7 @@ def section(raw: dict[str, Any], name: str, where: str = "") -> dict[str, Any]:
 
 def section_from_dict(cls: type[T], raw: dict[str, Any], where: str) -> T:
     """One section (e.g. `DataConfig`) from a raw mapping, with the checks and messages of a whole config."""
-    return typing.cast(T, _build(cls, raw, where))
+    return typing.cast(T, build(cls, raw, where))
 
 
 def load_raw(path: str | Path | None) -> dict[str, Any]:
@@ -435,7 +359,7 @@ def load_raw(path: str | Path | None) -> dict[str, Any]:
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
-    config: RunConfig = _build(RunConfig, raw, "")
+    config: RunConfig = build(RunConfig, raw, "")
     return config
 
 

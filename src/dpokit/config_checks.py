@@ -1,5 +1,6 @@
 """What a config is checked against before anything runs: the range of every number, the shape of a few strings, and
-the YAML file itself (readable, UTF-8, not empty, no key given twice).
+the YAML file itself (readable, UTF-8, not empty, no key given twice), and each raw value against its field's type
+(`build`: raw mapping -> dataclass, with a did-you-mean for unknown keys and choices).
 
 `BOUNDS` is the one table of numeric ranges; `config.py`'s dataclasses call `check_fields` from `__post_init__`, so a
 config built from YAML, from overrides or in Python is checked alike. Rules between fields stay in `config.py`.
@@ -8,11 +9,14 @@ config built from YAML, from overrides or in Python is checked alike. Rules betw
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -185,3 +189,80 @@ def read_yaml_file(path: str | Path) -> dict[str, Any]:
         kind = type(raw).__name__
         raise ConfigError(f"config file '{path}': the top level must be a mapping of sections, got {kind}")
     return raw
+
+
+def suggest(key: str, options: typing.Iterable[str]) -> str:
+    """` (did you mean 'x'?)` for the option nearest `key`, or nothing."""
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise ConfigError(
+                f"{where}: {value!r} is not one of: {choices}{suggest(str(value), map(str, typing.get_args(tp)))}"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        item_type = typing.get_args(tp)[0]
+        return tuple(coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(items))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 2**1023:
+            raise ConfigError(f"{where}={value}: too large for a float")
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads `3e-4` (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if value is None and tp in (int, float, str, bool):
+        raise ConfigError(f"{where} needs a {tp.__name__} value, got none (null or an empty override)")
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build(cls: Any, raw: Any, where: str) -> Any:
+    """A config dataclass from a raw mapping (YAML, overrides): unknown keys and wrong types are one-line errors
+    naming `where` + the key; nested sections are built the same way."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{path}'{suggest(str(key), names)}")
+        tp = hints[key]
+        optional = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):  # an optional section, e.g. model.lora
+            tp = optional[0] if value is not None else type(None)
+        if tp is type(None):
+            kwargs[key] = None
+        elif dataclasses.is_dataclass(tp):
+            kwargs[key] = build(tp, value or {}, path)
+        else:
+            kwargs[key] = coerce(value, tp, path)
+    return cls(**kwargs)
