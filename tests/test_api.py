@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import tiny_run
 
 
+@pytest.mark.slow
 def test_load_config_and_train_from_python(tiny_model: Path, hh_file: Path, tmp_path: Path) -> None:
     from dpokit import load_config, train
 

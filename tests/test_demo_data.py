@@ -26,6 +26,7 @@ def offline_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+@pytest.mark.slow
 def test_hub_imdb_comes_before_the_shared_folder(offline_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Hub's IMDb ({text, label}, sorted by label like the real train split) is used when the cache has it."""
     with gzip.open(IMDB, "rt", encoding="utf-8") as f:

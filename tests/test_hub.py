@@ -38,6 +38,7 @@ def hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -
     return home
 
 
+@pytest.mark.slow
 def test_model_and_data_by_hub_id_through_the_cli(hf_home: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [

@@ -90,7 +90,7 @@ def find_demo_data(imdb: str | None = None, vader: str | None = None) -> DemoDat
             tried.append(str(folder / IMDB_FILE))
     if reviews is None:
         raise UserError(
-            "demo: no IMDb reviews found; tried " + "; ".join(tried) + ". Pass --imdb movie_review.jsonl.gz (the "
+            "no IMDb reviews found; tried " + "; ".join(tried) + ". Pass --imdb movie_review.jsonl.gz (the "
             "IMDb sample of text2vec) or a Hub id, set DPOKIT_DATA_DIR to a folder holding imdb-text2vec/, or run "
             "once with network access so that stanfordnlp/imdb reaches the Hub cache"
         )
