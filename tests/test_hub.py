@@ -67,7 +67,7 @@ def test_unknown_id_is_one_clear_error(hf_home: Path, tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "'nobody/no-such-model'" in err and str(hf_home / "hub") in err and "offline mode is on" in err
-    no_data = ["data.train_path=nobody/no-data", f"train.output_dir={tmp_path}"]
+    no_data = ["data.train_path=nobody/no-data", f"train.output_dir={tmp_path / 'r2'}"]
     assert main(["dpo", f"model.path={MODEL_ID}", *no_data]) == 2
     err = capsys.readouterr().err
     assert "data set 'nobody/no-data'" in err and "offline mode is on" in err and "Traceback" not in err
