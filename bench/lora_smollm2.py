@@ -173,6 +173,8 @@ def one_system(args: argparse.Namespace) -> None:
     model, data = Path(args.model), Path(args.data)
     extra = [*LORA, "train.lr=5e-4"] if args.system == "lora" else ["train.lr=1e-6"]
     out = Path(args.out)
+    if args.ac:
+        extra.append("train.activation_checkpointing=true")
     config = load_config(None, overrides(model, data, out, *extra, f"train.max_steps={args.steps}"))
     marks: list[float] = []
     stop = threading.Event()
@@ -190,12 +192,12 @@ def one_system(args: argparse.Namespace) -> None:
     Path(args.result).write_text(json.dumps(result))
 
 
-def run_compare(work: Path, steps: int, repeats: int) -> dict:
+def run_compare(work: Path, steps: int, repeats: int, ac: bool) -> dict:
     model, data = prepare(work, 8 * steps)
     runs: dict[str, list[dict]] = {"full": [], "lora": []}
     for i in range(repeats):
         for system in ("full", "lora") if i % 2 == 0 else ("lora", "full"):
-            result = work / f"{system}-{i}.json"
+            result = work / f"{system}{'-ac' * ac}-{i}.json"
             command = [
                 sys.executable,
                 __file__,
@@ -206,11 +208,12 @@ def run_compare(work: Path, steps: int, repeats: int) -> dict:
                 "--data",
                 str(data),
                 "--out",
-                str(work / f"{system}-{i}"),
+                str(work / f"{system}{'-ac' * ac}-{i}"),
                 "--steps",
                 str(steps),
                 "--result",
                 str(result),
+                *(["--ac"] if ac else []),
             ]
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             runs[system].append(json.loads(result.read_text()))
@@ -237,6 +240,9 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/dpokit-bench-lora", help="scratch folder (model copy, runs)")
     parser.add_argument("--steps", type=int, default=5, help="compare: optimizer steps per run (8 pairs each)")
     parser.add_argument("--repeats", type=int, default=2, help="compare: runs of each system, alternated")
+    parser.add_argument(
+        "--ac", action="store_true", help="compare: both systems with train.activation_checkpointing (part compare_ac)"
+    )
     parser.add_argument("--one", choices=["full", "lora"], help=argparse.SUPPRESS)  # a child process's system
     for name in ("--model", "--data", "--out", "--result"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -259,7 +265,8 @@ def main() -> None:
     if args.part in ("all", "accept"):
         write_part("accept", run_accept(work) | {"command": command}, facts)
     if args.part in ("all", "compare"):
-        write_part("compare", run_compare(work, args.steps, args.repeats) | {"command": command}, facts)
+        part = run_compare(work, args.steps, args.repeats, args.ac) | {"command": command}
+        write_part("compare_ac" if args.ac else "compare", part, facts)
     print_table(json.loads(RESULT.read_text()))
 
 
@@ -278,8 +285,11 @@ def print_table(results: dict) -> None:
             f"reference = base exactly: {a['reference_equals_base_exactly']}; merged vs adapter max |Δ logp| "
             f"{a['merged_vs_adapter_max_abs_logp_diff']:.2e}"
         )
-    if "compare" in results:
-        c = results["compare"]
+    for name in ("compare", "compare_ac"):
+        if name not in results:
+            continue
+        c = results[name]
+        print(name)
         print(f"{'system':<8}{'step s (median)':>18}{'step CPU s (median)':>22}{'peak RSS GiB':>15}")
         for system in ("full", "lora"):
             r = c[system]
