@@ -30,6 +30,7 @@ import os
 import random
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,6 +103,8 @@ def run_accept(work: Path) -> dict:
     torch.set_num_threads(1)  # see one_system
     model, data = prepare(work, PAIRS)
     out = work / "accept"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work / "merged", ignore_errors=True)
     config = load_config(None, overrides(model, data, out, *LORA, f"train.epochs={EPOCHS}", "train.lr=5e-4"))
     started = time.perf_counter()
     train(config)
@@ -215,6 +218,7 @@ def run_compare(work: Path, steps: int, repeats: int, ac: bool) -> dict:
                 str(result),
                 *(["--ac"] if ac else []),
             ]
+            shutil.rmtree(work / f"{system}{'-ac' * ac}-{i}", ignore_errors=True)  # a fresh run folder each time
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             runs[system].append(json.loads(result.read_text()))
             print(f"  {system} #{i}: {runs[system][-1]}", flush=True)
