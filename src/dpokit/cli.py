@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command in ("generate", "winrate"):
+    if args.command in ("generate", "winrate", "experiment"):
         from dpokit.eval import commands as eval_commands
 
         return eval_commands.run(args)

@@ -57,6 +57,19 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--cache", help="openai judge: verdict cache file (default OUT/verdict_cache.jsonl)")
     _data_flags(p)
 
+    p = sub.add_parser("experiment", help="the paper's experiments as one command: hh (single-turn dialogue)")
+    p.add_argument("name", choices=["hh"], help="hh: Preferred-FT and DPO on Anthropic HH, judged by a reward model")
+    p.add_argument("--quick", action="store_true", help="a tiny version for CI (well under a minute of training)")
+    p.add_argument("--out", help="output folder (default runs/hh or runs/hh-quick); stages are cached there")
+    p.add_argument("--hh", help="the hh-rlhf folder (default $DPOKIT_DATA_DIR/hh-rlhf or ../shared/data/hh-rlhf)")
+    p.add_argument("--model", help="a pretrained base model (folder or .gguf) instead of the small one trained here")
+    p.add_argument("--chat", action="store_true", help="render the dialogues with the model's chat template")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="sizes, e.g. eval_prompts=500 batch=64")
+    p.add_argument("--judge", action="append", default=[], help="another judge (openai:MODEL, hf:PATH, ...)")
+    p.add_argument("--base-url", help="openai judge: the endpoint")
+    p.add_argument("--concurrency", type=int, help="openai judge: requests in flight at most")
+    p.add_argument("--seed", type=int, default=0)
+
 
 def data_settings(args: argparse.Namespace, path: str) -> DataConfig:
     from dpokit.eval.samples import data_config
@@ -75,7 +88,31 @@ def data_settings(args: argparse.Namespace, path: str) -> DataConfig:
 def run(args: argparse.Namespace) -> int:
     if args.command == "generate":
         return _generate(args)
+    if args.command == "experiment":
+        return _experiment(args)
     return _winrate(args)
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from dpokit.experiments.hh import run_experiment
+    from dpokit.experiments.hh_report import summary_line
+
+    out = Path(args.out or ("runs/hh-quick" if args.quick else "runs/hh"))
+    options = {k: getattr(args, k) for k in ("base_url", "concurrency") if getattr(args, k) is not None}
+    result = run_experiment(
+        out,
+        args.quick,
+        args.set,
+        Path(args.hh) if args.hh else None,
+        args.model,
+        args.chat,
+        args.judge,
+        options,
+        args.seed,
+    )
+    print(summary_line(result))
+    print(f"wrote {out}/report.md, results.json, results.csv, winrate_vs_temperature.png, winrate_over_steps.png")
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
