@@ -66,7 +66,9 @@ class Sizes:
     rm_epochs: int = 1
     rm_lr: float = 5e-4
     max_pairs: int = 0
-    """At most this many policy and reward-model pairs each (0: all)."""
+    """At most this many policy, reward-model and held-out pairs each (0: all)."""
+    pretrain_texts: int = 0
+    """At most this many transcripts to pretrain the small base model on (0: all)."""
     eval_prompts: int = 256
     samples: int = 2
     """Samples per prompt, model and temperature."""
@@ -88,6 +90,7 @@ QUICK = Sizes(
     max_prompt_length=32,
     batch=16,
     max_pairs=192,
+    pretrain_texts=384,
     eval_prompts=12,
     samples=1,
     new_tokens=12,
@@ -171,9 +174,10 @@ class Experiment:
                     split["prompts"].append(row)
                 if name != "held_out":
                     texts += [{"text": str(r.prompt) + str(c)} for c in r.completions]
-        for name in ("policy", "rm"):
+        for name in ("policy", "rm", "held_out"):
             if s.max_pairs:
                 split[name] = split[name][: s.max_pairs]
+        texts = texts[: s.pretrain_texts or None]
         split["prompts"] = split["prompts"][: s.eval_prompts]
         for name, rows in split.items():
             _write_jsonl(folder / f"{name}.jsonl", rows)
@@ -276,7 +280,8 @@ class Experiment:
 
         started = time.perf_counter()
         s, base = dataclasses.asdict(self.sizes), self.base_model
-        data_key = _digest("data", str(self.hh), s["max_pairs"], s["eval_prompts"], s["held_out_share"], s["rm_share"])
+        data_key = _digest("data", str(self.hh), *(s[k] for k in ("max_pairs", "eval_prompts", "pretrain_texts")))
+        data_key = _digest(data_key, s["held_out_share"], s["rm_share"])
         self.stage("data", data_key, self.build_data)
         base_key = _digest(data_key, base, s) if base else _digest(data_key, s)
         if base is None:
