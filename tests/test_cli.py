@@ -28,6 +28,7 @@ COMMANDS = [
     "init-model",
     "generate",
     "winrate",
+    "experiment",
 ]
 
 

@@ -21,7 +21,7 @@ from dpokit.errors import ConfigError
 from dpokit.losses import LOSSES
 
 ReferenceMode = Literal["copy", "path", "precomputed", "none"]
-DataFormat = Literal["auto", "standard", "conversational", "implicit", "pairs", "ranking", "completion", "text"]
+DataFormat = Literal["auto", "standard", "conversational", "implicit", "pairs", "ranking", "completion", "text", "tldr"]
 Optimizer = Literal["adamw", "rmsprop"]
 Schedule = Literal["constant", "linear", "cosine"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]

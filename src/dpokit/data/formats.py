@@ -11,6 +11,8 @@ Rows come from `readers.py` (JSON lines, JSON, Parquet, tab-separated text, `sav
                   message lists), split at the last assistant turn
 - completion:     {prompt, completion} (SFT)
 - text:           {text} (SFT on plain text; `text_field` names another field, e.g. `review`)
+- tldr:           {info: {post, title, subreddit}, summaries: [{text}, {text}], choice}: the comparisons of
+                  openai/summarize-from-feedback (Stiennon et al. 2020), prompted as they were
 
 Adding a row format: write one function `(row, RowContext) -> list[Record]` and add one `RowFormat` to `FORMATS`
 (where it belongs in detection order), plus its name in `config.DataFormat`.
@@ -233,6 +235,33 @@ def text_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
     return [Record("", (_field(row, ctx.text_field, ctx.where, chat=False),), ctx.where)]
 
 
+def tldr_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
+    """A comparison of openai/summarize-from-feedback (Stiennon et al. 2020, arXiv 2009.01325): two summaries of a
+    Reddit post (or a CNN/DailyMail article) and the labeller's `choice`. The prompt is the format of that project's
+    TL;DR task (`query.format_str`), `SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:`
+    (articles: `Article:\\n{article}\\n\\nTL;DR:`); each summary is its completion, after one space."""
+    info, summaries, choice = row["info"], row["summaries"], row["choice"]
+    if not isinstance(info, dict) or not isinstance(info.get("post") or info.get("article"), str):
+        raise DataError(f"{ctx.where}: field 'info' must hold a 'post' (or an 'article') string", "wrong_type")
+    listed = summaries if isinstance(summaries, list) else []
+    texts = [s["text"] for s in listed if isinstance(s, dict) and isinstance(s.get("text"), str)]
+    if not isinstance(summaries, list) or len(summaries) != 2 or len(texts) != 2:
+        raise DataError(f"{ctx.where}: field 'summaries' must be a list of two {{text}} objects", "wrong_type")
+    if choice not in (0, 1) or isinstance(choice, bool):
+        raise DataError(
+            f"{ctx.where}: field 'choice' must be 0 or 1 (the preferred summary), got {choice!r}", "bad_index"
+        )
+    if info.get("post"):
+        subreddit, title = info.get("subreddit", ""), info.get("title", "")
+        prompt = f"SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {info['post']}\n\nTL;DR:"
+    else:
+        prompt = f"Article:\n{info['article']}\n\nTL;DR:"
+    if not all(t.strip() for t in texts):
+        raise EmptyCompletion("summaries")
+    chosen, rejected = " " + texts[choice].strip(), " " + texts[1 - choice].strip()
+    return _preference(prompt, chosen, rejected, ctx)
+
+
 # --- the table ---------------------------------------------------------------------------------------------------
 TEXT = "text"
 """Stands for the field `data.text_field` names in a format's fields."""
@@ -268,6 +297,7 @@ FORMATS: dict[str, RowFormat] = {
         RowFormat("implicit", ("chosen", "rejected"), implicit_rows),
         RowFormat("completion", ("prompt", "completion"), completion_rows),
         RowFormat("text", (TEXT,), text_rows),
+        RowFormat("tldr", ("info", "summaries", "choice"), tldr_rows),
     )
 }
 

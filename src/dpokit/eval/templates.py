@@ -107,6 +107,8 @@ def parse_verdict(text: str, template: Template) -> Choice | None:
 
 def prompt_text(prompt: Text) -> str:
     """The query as a judge reads it: a single user turn as its text, a longer dialogue as a transcript."""
+    if isinstance(prompt, str) and prompt.rstrip().endswith("TL;DR:"):  # a summarisation prompt: the post itself
+        return prompt.rstrip().removesuffix("TL;DR:").strip()
     if isinstance(prompt, str):
         messages = hh_messages(prompt) if "\n\nHuman:" in prompt else [{"role": "user", "content": prompt.strip()}]
     else:
