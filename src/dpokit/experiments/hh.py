@@ -67,7 +67,7 @@ class Sizes:
     rm_lr: float = 5e-4
     max_pairs: int = 0
     """At most this many policy, reward-model and held-out pairs each (0: all)."""
-    pretrain_texts: int = 0
+    pretrain_texts: int = 8000
     """At most this many transcripts to pretrain the small base model on (0: all)."""
     eval_prompts: int = 256
     samples: int = 2
@@ -177,7 +177,7 @@ class Experiment:
         for name in ("policy", "rm", "held_out"):
             if s.max_pairs:
                 split[name] = split[name][: s.max_pairs]
-        texts = texts[: s.pretrain_texts or None]
+        texts = sorted(texts, key=lambda t: zlib.crc32(t["text"].encode()))[: s.pretrain_texts or None]  # all subsets
         split["prompts"] = split["prompts"][: s.eval_prompts]
         for name, rows in split.items():
             _write_jsonl(folder / f"{name}.jsonl", rows)
@@ -271,7 +271,7 @@ class Experiment:
                 out = folder / f"step{step}-t{t}.jsonl"
                 sampling = Sampling(t, 1.0, s.new_tokens)
                 generate_file(
-                    str(path), data, out, sampling, s.samples, self.seed, 32, model=model, tokenizer=tokenizer
+                    str(path), data, out, sampling, s.samples, self.seed, 64, model=model, tokenizer=tokenizer
                 )
 
     # --- the whole experiment -----------------------------------------------------------------------------------
