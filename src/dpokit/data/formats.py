@@ -296,8 +296,8 @@ FORMATS: dict[str, RowFormat] = {
         RowFormat("standard", ("prompt", "chosen", "rejected"), standard_rows),
         RowFormat("implicit", ("chosen", "rejected"), implicit_rows),
         RowFormat("completion", ("prompt", "completion"), completion_rows),
-        RowFormat("text", (TEXT,), text_rows),
         RowFormat("tldr", ("info", "summaries", "choice"), tldr_rows),
+        RowFormat("text", (TEXT,), text_rows),
     )
 }
 
