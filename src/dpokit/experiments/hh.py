@@ -53,28 +53,28 @@ class Sizes:
     hidden_size: int = 128
     layers: int = 4
     heads: int = 4
-    max_length: int = 128
-    max_prompt_length: int = 64
+    max_length: int = 96
+    max_prompt_length: int = 48
     batch: int = 32
     pretrain_epochs: int = 1
     pretrain_lr: float = 2e-3
     sft_epochs: int = 1
     sft_lr: float = 1e-3
     dpo_epochs: int = 1
-    dpo_lr: float = 5e-4
+    dpo_lr: float = 7e-4
     beta: float = 0.1
     rm_epochs: int = 1
     rm_lr: float = 5e-4
-    max_pairs: int = 0
+    max_pairs: int = 2000
     """At most this many policy, reward-model and held-out pairs each (0: all)."""
-    pretrain_texts: int = 8000
+    pretrain_texts: int = 4000
     """At most this many transcripts to pretrain the small base model on (0: all)."""
     eval_prompts: int = 256
     samples: int = 2
     """Samples per prompt, model and temperature."""
-    new_tokens: int = 64
+    new_tokens: int = 48
     temperatures: tuple[float, ...] = TEMPERATURES
-    checkpoints: int = 4
+    checkpoints: int = 3
     """DPO checkpoints sampled for the win rate over training steps (the final model included)."""
     resamples: int = 2000
     held_out_share: float = 0.15
