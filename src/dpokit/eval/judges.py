@@ -13,6 +13,7 @@ order; the LLM judges do, which is why `dpokit winrate` randomises it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,27 @@ def by_score(score_a: float, score_b: float) -> Verdict:
     return Verdict(outcome, detail={"score_a": score_a, "score_b": score_b})
 
 
+class Scorer(Protocol):
+    memo: dict[str, float]
+
+    def scores(self, prompts: Sequence[Text], answers: Sequence[str]) -> list[float]: ...
+
+
+def judge_by_scores(scorer: Scorer, comparisons: Sequence[Comparison]) -> list[Verdict]:
+    """Verdicts of a scorer: each distinct (prompt, answer) scored once per judge (a chosen response meets many
+    samples, a sample several baselines)."""
+    keys = {}
+    for c in comparisons:
+        for answer in (c.a, c.b):
+            keys[json.dumps([c.prompt, answer])] = (c.prompt, answer)
+    todo = [k for k in keys if k not in scorer.memo]
+    if todo:
+        found = scorer.scores([keys[k][0] for k in todo], [keys[k][1] for k in todo])
+        scorer.memo.update(zip(todo, found, strict=True))
+    score = {k: scorer.memo[k] for k in keys}
+    return [by_score(score[json.dumps([c.prompt, c.a])], score[json.dumps([c.prompt, c.b])]) for c in comparisons]
+
+
 def saved_data_config(folder: str) -> DataConfig:
     """The `data` settings a dpokit run saved with its model (how it rendered prompts), or the defaults."""
     path = Path(folder) / "dpokit_config.yaml"
@@ -105,6 +127,7 @@ class RewardModelJudge:
         self.model.to(_device()).eval()
         self.data = data or saved_data_config(path)
         self.batch_size = batch_size
+        self.memo: dict[str, float] = {}
 
     def scores(self, prompts: Sequence[Text], answers: Sequence[str]) -> list[float]:
         from dpokit.rm import score_texts
@@ -112,10 +135,7 @@ class RewardModelJudge:
         return score_texts(self.model, self.tokenizer, prompts, answers, self.data, self.batch_size)
 
     def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
-        prompts = [c.prompt for c in comparisons]
-        a = self.scores(prompts, [c.a for c in comparisons])
-        b = self.scores(prompts, [c.b for c in comparisons])
-        return [by_score(x, y) for x, y in zip(a, b, strict=True)]
+        return judge_by_scores(self, comparisons)
 
 
 class ImplicitRewardJudge:
@@ -134,6 +154,7 @@ class ImplicitRewardJudge:
         self.beta = beta if beta is not None else (load_config(saved).loss.beta if saved.exists() else 0.1)
         self.data = saved_data_config(policy)
         self.batch_size = batch_size
+        self.memo: dict[str, float] = {}
 
     def scores(self, prompts: Sequence[Text], answers: Sequence[str]) -> list[float]:
         from dpokit.eval.frontier import completion_logps
@@ -147,10 +168,7 @@ class ImplicitRewardJudge:
         return (self.beta * (policy - reference)).tolist()
 
     def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
-        prompts = [c.prompt for c in comparisons]
-        a = self.scores(prompts, [c.a for c in comparisons])
-        b = self.scores(prompts, [c.b for c in comparisons])
-        return [by_score(x, y) for x, y in zip(a, b, strict=True)]
+        return judge_by_scores(self, comparisons)
 
 
 class LocalLMJudge:

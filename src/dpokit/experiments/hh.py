@@ -67,9 +67,9 @@ class Sizes:
     rm_lr: float = 5e-4
     max_pairs: int = 2000
     """At most this many policy, reward-model and held-out pairs each (0: all)."""
-    pretrain_texts: int = 4000
+    pretrain_texts: int = 3000
     """At most this many transcripts to pretrain the small base model on (0: all)."""
-    eval_prompts: int = 256
+    eval_prompts: int = 200
     samples: int = 2
     """Samples per prompt, model and temperature."""
     new_tokens: int = 48
