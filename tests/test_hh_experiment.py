@@ -11,7 +11,7 @@ import pytest
 
 from dpokit.cli import main
 from dpokit.errors import UserError
-from dpokit.experiments.hh import QUICK, Sizes, with_settings
+from dpokit.experiments.hh import QUICK, Experiment, Sizes, with_settings
 from tests.conftest import SHARED
 
 
@@ -21,6 +21,25 @@ def test_sizes_from_the_command_line() -> None:
     for bad in ("nope=1", "beta", "batch=x"):
         with pytest.raises(UserError):
             with_settings(QUICK, [bad])
+
+
+def test_stage_keys_follow_the_settings_each_stage_reads(tmp_path) -> None:
+    def keys(*settings: str) -> dict[str, str]:
+        return Experiment(tmp_path, with_settings(QUICK, settings), tmp_path).keys()
+
+    base = keys()
+    changed = {
+        "dpo_lr=0.1": {"dpo", "samples", "winrates"},
+        "rm_lr=0.1": {"rm", "winrates"},
+        "new_tokens=5": {"samples", "winrates"},
+        "resamples=5000": {"winrates"},
+        "sft_lr=0.1": {"sft", "dpo", "samples", "winrates"},
+        "hidden_size=16": {"base", "sft", "dpo", "rm", "samples", "winrates"},
+        "eval_prompts=3": {"data", "base", "sft", "dpo", "rm", "samples", "winrates"},
+    }
+    for setting, stages in changed.items():
+        after = keys(setting)
+        assert {name for name in base if after[name] != base[name]} == stages, setting
 
 
 @pytest.mark.slow

@@ -279,29 +279,39 @@ class Experiment:
         from dpokit.experiments.hh_report import judge_all, write_outputs
 
         started = time.perf_counter()
-        s, base = dataclasses.asdict(self.sizes), self.base_model
-        data_key = _digest("data", str(self.hh), *(s[k] for k in ("max_pairs", "eval_prompts", "pretrain_texts")))
-        data_key = _digest(data_key, s["held_out_share"], s["rm_share"])
-        self.stage("data", data_key, self.build_data)
-        base_key = _digest(data_key, base, s) if base else _digest(data_key, s)
-        if base is None:
-            self.stage("base", base_key, self.build_base)
-        sft_key = self.stage_key("sft", base_key)
-        self.stage("sft", sft_key, self.build_sft)
-        dpo_key = _digest(sft_key, "dpo")
-        self.stage("dpo", dpo_key, self.build_dpo)
-        rm_key = _digest(base_key, "rm", self.chat)
-        self.stage("rm", rm_key, self.build_rm)
-        samples_key = _digest(dpo_key, "samples", self.seed)
-        self.stage("samples", samples_key, self.build_samples)
+        keys = self.keys()
+        self.stage("data", keys["data"], self.build_data)
+        if self.base_model is None:
+            self.stage("base", keys["base"], self.build_base)
+        for name, build in (("sft", self.build_sft), ("dpo", self.build_dpo), ("rm", self.build_rm)):
+            self.stage(name, keys[name], build)
+        self.stage("samples", keys["samples"], self.build_samples)
         rm_judge = str(self.out / "rm" / "final")
-        results = judge_all(self, [f"rm:{rm_judge}", *judges], judge_options or {}, _digest(samples_key, rm_key))
+        results = judge_all(self, [f"rm:{rm_judge}", *judges], judge_options or {}, keys["winrates"])
         facts = self.facts()
         write_outputs(self, results, facts, time.perf_counter() - started)
         return {"results": results, "facts": facts}
 
-    def stage_key(self, name: str, upstream: str) -> str:
-        return _digest(upstream, name, self.chat, self.seed)
+    def keys(self) -> dict[str, str]:
+        """Each stage's cache key: a digest of its upstream stages' keys and of the settings it reads itself, so that
+        changing, say, dpo_lr retrains DPO and redoes what follows it, and nothing before."""
+        s = dataclasses.asdict(self.sizes)
+
+        def key(*parts: Any, fields: Sequence[str] = ()) -> str:
+            return _digest(*parts, *(s[f] for f in fields))
+
+        rendering = ("max_length", "max_prompt_length", "batch")
+        data = key(
+            "data", str(self.hh), fields=("max_pairs", "eval_prompts", "pretrain_texts", "held_out_share", "rm_share")
+        )
+        model = ("vocab_size", "hidden_size", "layers", "heads", "pretrain_epochs", "pretrain_lr", *rendering)
+        base = key(data, self.base_model, fields=() if self.base_model else model)
+        sft = key(base, "sft", self.chat, self.seed, fields=("sft_epochs", "sft_lr", *rendering))
+        dpo = key(sft, "dpo", fields=("dpo_epochs", "dpo_lr", "beta", "checkpoints"))
+        rm = key(base, "rm", self.chat, self.seed, fields=("rm_epochs", "rm_lr", *rendering))
+        samples = key(dpo, "samples", self.seed, fields=("samples", "new_tokens", "temperatures"))
+        winrates = key(samples, rm, fields=("resamples",))
+        return {"data": data, "base": base, "sft": sft, "dpo": dpo, "rm": rm, "samples": samples, "winrates": winrates}
 
     def facts(self) -> dict[str, Any]:
         rm = json.loads((self.out / "rm" / "summary.json").read_text())
