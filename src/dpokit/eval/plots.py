@@ -31,6 +31,10 @@ def _errorbar(ax: Any, rows: Sequence[dict[str, Any]], x: str, label: str, offse
     ax.errorbar(xs, ys, yerr=err, color=color, marker=marker, capsize=3, lw=1.5, label=label)
 
 
+def judge_label(judge: str) -> str:
+    return "reward model (dpokit rm)" if judge.startswith("rm:") else judge
+
+
 def plot_vs_temperature(results: Sequence[dict[str, Any]], judge: str, path: Path, title: str) -> None:
     """One line per comparison: win rate against temperature, bars at the bootstrap 95% interval."""
     fig, ax = _axes()
@@ -43,7 +47,7 @@ def plot_vs_temperature(results: Sequence[dict[str, Any]], judge: str, path: Pat
         _errorbar(ax, rows, "temperature", comparison, 0.008 * (i - 1))
     ax.axhline(0.5, color="grey", ls="--", lw=1)
     ax.set_xlabel("sampling temperature")
-    ax.set_ylabel(f"win rate  ({judge})")
+    ax.set_ylabel(f"win rate  ({judge_label(judge)})")
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -69,7 +73,7 @@ def plot_over_steps(results: Sequence[dict[str, Any]], judge: str, path: Path, t
         ax.errorbar(xs, ys, yerr=err, color=color, marker="o", capsize=3, label=f"temperature {t}")
     ax.axhline(0.5, color="grey", ls="--", lw=1)
     ax.set_xlabel("DPO training step (0: Preferred-FT)")
-    ax.set_ylabel(f"win rate vs chosen  ({judge})")
+    ax.set_ylabel(f"win rate vs chosen  ({judge_label(judge)})")
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.grid(alpha=0.3)

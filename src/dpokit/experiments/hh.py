@@ -330,7 +330,15 @@ class Experiment:
             "counts": json.loads((self.data / "counts.json").read_text())["rows"],
             "sizes": dataclasses.asdict(self.sizes),
             "timings_s": self.timings,
+            "lengths": [
+                (t, self.lengths(0, t), self.lengths(self.dpo_total_steps(), t)) for t in self.sizes.temperatures
+            ],
         }
+
+    def lengths(self, step: int, temperature: float) -> tuple[float, float]:
+        """Mean completion tokens of a samples file, and the share that ended with EOS."""
+        rows = [json.loads(x) for x in (self.out / "samples" / f"step{step}-t{temperature}.jsonl").open()]
+        return sum(r["tokens"] for r in rows) / len(rows), sum(r["finished"] for r in rows) / len(rows)
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:

@@ -160,7 +160,14 @@ def report(results: Sequence[dict[str, Any]], facts: dict[str, Any], judges: Seq
         (r for r in results if r["judge"] == judges[0] and r["step"] is not None),
         key=lambda r: (r["temperature"], r["step"]),
     )
-    lines += ["## Over training (DPO vs chosen; step 0 is Preferred-FT)", "", "| temperature | step | win rate |"]
+    lines += ["## Sample lengths (a reward model may prefer length; read the win rates with these)", ""]
+    lines += [
+        "| temperature | Preferred-FT tokens (ended with EOS) | DPO tokens (ended with EOS) |",
+        "| --- | --- | --- |",
+    ]
+    for t, sft, dpo in facts.get("lengths", []):
+        lines.append(f"| {t} | {sft[0]:.1f} ({sft[1]:.0%}) | {dpo[0]:.1f} ({dpo[1]:.0%}) |")
+    lines += ["", "## Over training (DPO vs chosen; step 0 is Preferred-FT)", "", "| temperature | step | win rate |"]
     lines.append("| --- | --- | --- |")
     lines += [f"| {r['temperature']} | {r['step']} | {_cell(r)} |" for r in steps]
     lines += [
