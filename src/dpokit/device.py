@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import random
 from collections.abc import Callable
 from typing import Any
@@ -13,9 +14,42 @@ from dpokit.config import ConfigError
 
 
 def pick_device(name: str) -> torch.device:
+    """`train.device` as a torch device; one this machine does not have is refused before anything loads."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"train.device={name}, but CUDA is not available here (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda or 'none'}); use train.device=cpu or auto"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name}, but Apple's MPS is not available here; use train.device=cpu or auto")
+    return device
+
+
+FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+"""Attention kernels that need a package of their own (and CUDA)."""
+
+
+def check_attention(name: str, device: torch.device, backward: bool) -> None:
+    """Refuse an attention kernel this machine cannot run, before any weights load: a FlashAttention kernel without
+    its package or off CUDA, FlexAttention's backward on CPU."""
+    package = FLASH_PACKAGES.get(name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"model.attn_implementation={name} needs the `{package}` package, which is not installed; install it "
+            "(CUDA only) or use sdpa"
+        )
+    if package is not None and device.type != "cuda":
+        raise ConfigError(f"model.attn_implementation={name} runs on CUDA only, and this run's device is {device}")
+    if backward and name == "flex_attention" and device.type == "cpu":
+        raise ConfigError(
+            "model.attn_implementation=flex_attention trains on GPUs only: PyTorch has no FlexAttention backward on "
+            "CPU. Use sdpa on CPU (precompute-ref, which runs no backward, accepts flex_attention anywhere)."
+        )
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from dpokit.config import ConfigError, RunConfig
 from dpokit.data.batching import batches_in_order, collate_for
 from dpokit.data.prepare import prepare_data
-from dpokit.device import autocast_for, pick_device
+from dpokit.device import autocast_for, check_attention, pick_device
 from dpokit.losses import LOSSES
 from dpokit.model import DTYPES, load_model, load_tokenizer
 from dpokit.reference import cache_parts, is_cache, save_cache, score, tokenizer_digest, weights_digest
@@ -23,6 +23,7 @@ def precompute_reference(config: RunConfig) -> Path:
             "its own caches: choose another path"
         )
     device = pick_device(config.train.device)
+    check_attention(config.model.attn_implementation, device, backward=False)
     autocast = autocast_for(config.train.precision, device)
     tokenizer = load_tokenizer(config.model.path, config.model.gguf_file, config.model.revision)
     data = prepare_data(config.data, tokenizer, LOSSES[config.loss.name].data)

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 from dpokit import distributed, tracking
 from dpokit import resume as resume_checks
 from dpokit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_model, step_folders
-from dpokit.config import ConfigError, RunConfig, save_config, to_dict
+from dpokit.config import RunConfig, save_config, to_dict
 from dpokit.data.batching import AnyBatch, Collate, batches_in_order, collate_for, step_examples
 from dpokit.data.prepare import PreparedData, prepare_data
 from dpokit.data.report import DataError
-from dpokit.device import autocast_for, pick_device, seed_everything
+from dpokit.device import autocast_for, check_attention, pick_device, seed_everything
 from dpokit.errors import UserError
 from dpokit.logprobs import batch_logps
 from dpokit.lora import apply_lora
@@ -256,11 +256,7 @@ def set_up(config: RunConfig, folder: RunFolder, resume: bool) -> Run:
     written into the claimed output folder."""
     t = config.train
     device = pick_device(t.device)
-    if device.type == "cpu" and config.model.attn_implementation == "flex_attention":
-        raise ConfigError(
-            "model.attn_implementation=flex_attention trains on GPUs only: PyTorch has no FlexAttention backward on "
-            "CPU. Use sdpa on CPU (precompute-ref, which runs no backward, accepts flex_attention anywhere)."
-        )
+    check_attention(config.model.attn_implementation, device, backward=True)
     autocast = autocast_for(t.precision, device)
     tracking.resolve(t.report_to)  # a tracker that is not installed fails here, before anything is written
     seed_everything(t.seed, t.deterministic)
@@ -279,8 +275,6 @@ def set_up(config: RunConfig, folder: RunFolder, resume: bool) -> Run:
             f"{config.data.train_path}: {len(data.train)} training examples (counts above) are fewer than "
             f"train.batch_size={t.batch_size}; lower train.batch_size or give more data"
         )
-    folder.begin()
-    save_config(config, out / "config.yaml")
     total_steps = t.max_steps if t.max_steps is not None else t.epochs * (len(data.train) // t.batch_size)
     policy, reference_logps = load_models(config, device, tokenizer, data)
     optimizer = make_optimizer(config, policy)
@@ -304,6 +298,8 @@ def set_up(config: RunConfig, folder: RunFolder, resume: bool) -> Run:
         run.start_step, run.skipped_steps = resume_checks.restore(
             resumable, config, digests, lambda path: load_training_state(path, policy, optimizer, scheduler)
         )
+    folder.begin()  # the first write: a run that failed before here left the output folder as it found it
+    save_config(config, out / "config.yaml")
     return run
 
 

@@ -58,6 +58,7 @@ def _field(row: dict[str, Any], name: str, where: str, chat: bool | None = None,
         raise DataError(f"{where}: missing field '{name}'", "missing_field")
     value = row[name]
     if isinstance(value, str) and chat is not True:
+        _unicode(value, name, where)
         if completion and not value.strip():
             raise EmptyCompletion(name)
         return value
@@ -69,9 +70,22 @@ def _field(row: dict[str, Any], name: str, where: str, chat: bool | None = None,
                 raise DataError(
                     f"{where}: field '{name}[{j}]' must be a {{role, content}} message with string values", "wrong_type"
                 )
+            _unicode(m["content"], f"{name}[{j}].content", where)
         return value
     kind = "a list of messages" if chat else "a string"
     raise DataError(f"{where}: field '{name}' must be {kind}, got {type(value).__name__}", "wrong_type")
+
+
+def _unicode(text: str, name: str, where: str) -> None:
+    """Text must be valid Unicode: JSON's `\\ud800` escapes decode to lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{where}: field '{name}' holds a lone surrogate ({text[e.start]!r} at character {e.start}), which is not "
+            "valid Unicode; fix the escape in the file",
+            "invalid_unicode",
+        ) from None
 
 
 def _split_implicit(chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text] | None:

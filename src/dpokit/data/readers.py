@@ -132,4 +132,28 @@ def iter_rows(path: str | Path | HubDataset) -> Rows:
         yield from iter_hub_rows(path)
         return
     path = Path(path)
-    yield from READERS[file_kind(path)](path)
+    kind = file_kind(path)
+    try:
+        yield from READERS[kind](path)
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError) as e:  # damaged files: gzip, zlib, pyarrow (ArrowInvalid is a ValueError)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: {_damaged(path, kind)} ({first}); {WHAT_TO_DO[kind]}", "unreadable_file") from e
+
+
+WHAT_TO_DO = {
+    "jsonl": "check the file (download or compress it again)",
+    "json": "check the file",
+    "parquet": "write or download it again",
+    "tsv": "check the file",
+    "saved_dataset": "give a folder written by datasets' save_to_disk (one split), copied completely",
+}
+
+
+def _damaged(path: Path, kind: str) -> str:
+    if kind == "saved_dataset":
+        return "a folder that is not a readable `datasets` save_to_disk folder"
+    if kind == "jsonl" and path.suffix == ".gz":
+        return "not a readable gzip file: truncated, damaged, or not gzip-compressed"
+    return f"not a readable {'Parquet' if kind == 'parquet' else 'data'} file: truncated or damaged"
