@@ -23,11 +23,12 @@ import pytest
 from dpokit.cli import main
 from tests.bad_input import CLASSES, Case, World
 from tests.bad_input.config_cases import CASES as CONFIG_CASES
+from tests.bad_input.content_cases import CASES as CONTENT_CASES
 from tests.bad_input.file_cases import CASES as FILE_CASES
 from tests.bad_input.run_cases import CASES as RUN_CASES
 from tests.conftest import hh_rows, write_jsonl
 
-CASES: list[Case] = [*CONFIG_CASES, *RUN_CASES, *FILE_CASES]
+CASES: list[Case] = [*CONFIG_CASES, *RUN_CASES, *FILE_CASES, *CONTENT_CASES]
 
 
 @pytest.fixture

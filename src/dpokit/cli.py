@@ -341,7 +341,8 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    """Exit 0 when every row is usable (content quirks are counted, not failures), 1 when some rows are malformed."""
+    """Exit 0 when every row is usable (content quirks are counted, not failures), 1 when some rows are malformed or
+    none is usable."""
     from dpokit.data.formats import Use, load_records
     from dpokit.data.report import MAX_MESSAGES, DataReport
     from dpokit.data.tokenize import tokenize_records
@@ -356,13 +357,15 @@ def _validate(args: argparse.Namespace) -> int:
         from dpokit.model import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
-        tokenize_records(records, tokenizer, data.max_length, data.max_prompt_length, report)
+        tokenize_records(records, tokenizer, data.max_length, data.max_prompt_length, report, on_error="skip")
     for message in report.messages:
         print(message)
     if len(report.messages) == MAX_MESSAGES:
         print(f"... (only the first {MAX_MESSAGES} malformed rows are shown; the counts below cover all)")
     print("\n".join(report.lines()))
-    return 1 if report.messages else 0
+    if not records:
+        print(f"{data.train_path}: no usable rows, nothing to train on")
+    return 1 if report.messages or not records else 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpokit.compat import check_policy, check_reference_tokenizer
 from dpokit.config import ConfigError, RunConfig
 from dpokit.data.batching import batches_in_order, collate_for
 from dpokit.data.prepare import prepare_data
@@ -29,7 +30,9 @@ def precompute_reference(config: RunConfig) -> Path:
     data = prepare_data(config.data, tokenizer, LOSSES[config.loss.name].data)
     path = config.reference.path or config.model.path
     gguf, revision = (None, None) if config.reference.path else (config.model.gguf_file, config.model.revision)
+    check_reference_tokenizer(config, tokenizer_digest(tokenizer))
     model = load_model(path, gguf, config.model.attn_implementation, DTYPES[config.model.dtype], revision)
+    check_policy(config, tokenizer, model, path)
     parts = cache_parts(weights_digest(model), tokenizer_digest(tokenizer), data.train, data.eval, config)
     model.to(device)
     size, chunk = config.train.micro_batch_size, config.train.logits_chunk

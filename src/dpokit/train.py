@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from dpokit import distributed, tracking
 from dpokit import resume as resume_checks
 from dpokit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_model, step_folders
+from dpokit.compat import check_policy, check_reference_tokenizer
 from dpokit.config import RunConfig, save_config, to_dict
 from dpokit.data.batching import AnyBatch, Collate, batches_in_order, collate_for, step_examples
 from dpokit.data.prepare import PreparedData, prepare_data
@@ -312,12 +313,15 @@ def load_models(
     if config.reference.mode == "precomputed":
         data_parts = cache_parts(None, tokenizer_digest(tokenizer), data.train, data.eval, config)
         check_cache(str(config.reference.cache), data_parts)
+    if config.reference.mode == "path":
+        check_reference_tokenizer(config, tokenizer_digest(tokenizer))
     dtype = DTYPES[config.model.dtype]
     m = config.model
     if m.head == "score":
         policy = load_reward_model(m.path, m.dtype, m.attn_implementation)[0].to(device)
     else:
         policy = load_model(m.path, m.gguf_file, m.attn_implementation, dtype, m.revision).to(device)
+    check_policy(config, tokenizer, policy, m.path)
     policy.config.use_cache = False
     if m.lora is not None:  # adapters on the frozen model; π_ref (mode copy) is the same model with them disabled
         policy = apply_lora(policy, m.lora, m.path, m.revision)
