@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dpokit.data.content import EmptyCompletion, Quirk, blank, check_messages, check_unicode
 from dpokit.data.readers import iter_rows
 from dpokit.data.report import DataError, DataReport
 from dpokit.hub import HubDataset
@@ -48,36 +49,6 @@ class Record:
         return isinstance(self.prompt, list)
 
 
-class Quirk(Exception):
-    """A well-formed row with nothing sound to train on: skipped and counted under `reason`, never trained on."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class EmptyCompletion(Quirk):
-    """A completion that is empty or only whitespace (counted as `empty_<field>`)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"empty_{name}")
-
-
-ROLES = ("system", "user", "assistant", "tool")
-"""Message roles chat templates know; another (`human`, `gpt`) is counted as `unknown_role` and its row skipped."""
-
-
-def _check_messages(messages: list[Message], name: str, completion: bool) -> None:
-    """Content rules of a message list: known roles; a completion is assistant turns only (else the other party's
-    words would be trained as the model's), none of them empty."""
-    if any(m["role"] not in ROLES for m in messages):
-        raise Quirk("unknown_role")
-    if completion and any(m["role"] != "assistant" for m in messages):
-        raise Quirk("completion_not_assistant")
-    if completion and any(not m["content"].strip() for m in messages):
-        raise EmptyCompletion(name)
-
-
 def _field(
     row: dict[str, Any],
     name: str,
@@ -87,13 +58,13 @@ def _field(
     transcript: bool = False,
 ) -> Text:
     """A string (non-empty for completions), or (chat) a non-empty list of {role, content} messages. Raises
-    `Quirk` for content that is well-formed but not to be trained on (see `_check_messages`). A `transcript` (an
+    `Quirk` for content that is well-formed but not to be trained on (content.py). A `transcript` (an
     implicit-prompt row's whole conversation) is checked as a completion only once split."""
     if name not in row:
         raise DataError(f"{where}: missing field '{name}'", "missing_field")
     value = row[name]
     if isinstance(value, str) and chat is not True:
-        _unicode(value, name, where)
+        check_unicode(value, name, where)
         if completion and not value.strip():
             raise EmptyCompletion(name)
         return value
@@ -105,23 +76,11 @@ def _field(
                 raise DataError(
                     f"{where}: field '{name}[{j}]' must be a {{role, content}} message with string values", "wrong_type"
                 )
-            _unicode(m["content"], f"{name}[{j}].content", where)
-        _check_messages(value, name, completion and not transcript)
+            check_unicode(m["content"], f"{name}[{j}].content", where)
+        check_messages(value, name, completion and not transcript)
         return value
     kind = "a list of messages" if chat else "a string"
     raise DataError(f"{where}: field '{name}' must be {kind}, got {type(value).__name__}", "wrong_type")
-
-
-def _unicode(text: str, name: str, where: str) -> None:
-    """Text must be valid Unicode: JSON's `\\ud800` escapes decode to lone surrogates, which no tokenizer takes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DataError(
-            f"{where}: field '{name}' holds a lone surrogate ({text[e.start]!r} at character {e.start}), which is not "
-            "valid Unicode; fix the escape in the file",
-            "invalid_unicode",
-        ) from None
 
 
 def _split_implicit(chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text] | None:
@@ -201,15 +160,11 @@ class RowContext:
 def _preference(prompt: Text, chosen: Text, rejected: Text, ctx: RowContext) -> list[Record]:
     """One chosen/rejected pair (for SFT: the chosen completion alone); identical completions are skipped."""
     for name, text in ({"chosen": chosen} if ctx.use == "sft" else {"chosen": chosen, "rejected": rejected}).items():
-        if _blank(text):  # e.g. a transcript whose reply is a single space once split from its prompt
+        if blank(text):  # e.g. a transcript whose reply is a single space once split from its prompt
             raise EmptyCompletion(name)
     if ctx.use == "sft":
         return [Record(prompt, (chosen,), ctx.where)]
     return _pair_records(prompt, [(chosen, rejected)], ctx)
-
-
-def _blank(text: Text) -> bool:
-    return not text.strip() if isinstance(text, str) else all(not m["content"].strip() for m in text)
 
 
 def _pair_records(prompt: Text, pairs: Iterable[tuple[Text, Text]], ctx: RowContext) -> list[Record]:
