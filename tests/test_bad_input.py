@@ -8,6 +8,7 @@ anything is loaded; the classes follow issue 14.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,9 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from dpokit.cli import main
-from tests.bad_input import CLASSES, Case, World
+from tests.bad_input import CLASSES, RUN_ARGS, Case, World
 from tests.bad_input.config_cases import CASES as CONFIG_CASES
 from tests.bad_input.content_cases import CASES as CONTENT_CASES
 from tests.bad_input.file_cases import CASES as FILE_CASES
@@ -124,3 +126,42 @@ def test_sigint_while_the_data_loads_is_one_line_and_leaves_no_trace(tiny_model:
     assert process.returncode == 128 + signal.SIGINT, err
     assert "Traceback" not in err and "interrupted (SIGINT)" in err
     assert not out.exists()
+
+
+def _run(tiny_model: Path, tmp_path: Path, *extra: str) -> list[str]:
+    names = {"model": str(tiny_model), "data": str(write_jsonl(tmp_path / "d.jsonl", hh_rows(12))), "out": ""}
+    return ["dpo", *(a.format(**names) for a in RUN_ARGS if "output_dir" not in a), *extra]
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dpokit.checkpoint
+
+    real, saves = dpokit.checkpoint.torch.save, []
+
+    def fills_the_disk(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(dpokit.checkpoint.torch, "save", fills_the_disk)
+    out = tmp_path / "run"
+    args = _run(tiny_model, tmp_path, f"train.output_dir={out}", "train.max_steps=3", "train.save_every=1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device writing" in err and "--resume" in err and "Traceback" not in err
+    assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.endswith(".tmp")] == ["step-1"]
+
+
+def test_running_out_of_accelerator_memory_says_what_to_lower(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def too_big(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(sys.modules["dpokit.train"], "batch_loss", too_big)
+    assert main(_run(tiny_model, tmp_path, f"train.output_dir={tmp_path / 'run'}")) == 2
+    err = capsys.readouterr().err
+    assert "out of accelerator memory (CUDA out of memory" in err and "train.micro_batch_size (now 4" in err

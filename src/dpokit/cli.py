@@ -314,9 +314,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "init-model":
         from dpokit.data.formats import Use, load_records, record_texts, sniff_format
-        from dpokit.model import init_model
+        from dpokit.model import check_init_model, init_model
         from dpokit.runfolder import check_new_folder
 
+        check_init_model(args.vocab_size, args.hidden_size, args.layers, args.heads, args.max_rows)
         check_new_folder(args.out, "init-model --out")
         fmt = sniff_format(args.data, args.text_field)
         use: Use = "sft" if fmt in ("text", "completion") else "pairs"

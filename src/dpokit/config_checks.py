@@ -92,6 +92,8 @@ BOUNDS: dict[str, Bounds] = {
 }
 """Every int and float field of the schema, by `section.field` (a test checks that none is missing)."""
 
+PATHS = {"model.path", "data.train_path", "data.eval_path", "reference.path", "reference.cache", "train.output_dir"}
+"""Fields holding a path: a leading `~` there is a folder named `~`, since only the shell expands it."""
 NON_EMPTY = {"data.text_field", "model.attn_implementation", "train.output_dir"}
 """String fields that must hold something when given (an empty output folder would mean the current folder)."""
 
@@ -126,6 +128,11 @@ def check_fields(section: str, obj: Any) -> None:
         _check_number(key, value)
         if key in NON_EMPTY and isinstance(value, str) and not value.strip():
             raise ConfigError(f"{key} is empty; give a value (or leave the key out for the default)")
+        if key in PATHS and isinstance(value, str) and value.startswith("~"):
+            raise ConfigError(
+                f"{key}={value} starts with '~', which dpokit does not expand (a shell expands it at the start of a "
+                "word, not after '='): write the full path"
+            )
     attention = getattr(obj, "attn_implementation", None) if section == "model" else None
     if attention and attention not in ATTENTION and "/" not in attention and not attention.startswith("paged|"):
         close = difflib.get_close_matches(attention, ATTENTION, n=1)

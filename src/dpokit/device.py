@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from dpokit.config import ConfigError
+from dpokit.errors import UserError
 
 
 def pick_device(name: str) -> torch.device:
@@ -63,6 +65,30 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:
     if use_bf16:
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+class OutOfResources(UserError):
+    """The machine ran out of memory or disk space during a run: a setting or the machine must change."""
+
+
+@contextlib.contextmanager
+def out_of_resources(micro_batch_size: int) -> Iterator[None]:
+    """Turn running out of accelerator memory or disk space into one line that says what to change."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise OutOfResources(
+            f"out of accelerator memory ({str(e).splitlines()[0][:200]}): lower train.micro_batch_size (now "
+            f"{micro_batch_size}; train.batch_size and the result stay the same), or set "
+            "train.activation_checkpointing=true or model.dtype=bf16"
+        ) from e
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OutOfResources(
+            f"no space left on the device writing {e.filename or 'the output'}: free some space, then continue with "
+            "--resume (a checkpoint is renamed into place only once complete, so the last one is intact)"
+        ) from e
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -159,6 +159,29 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     )
 
 
+def check_init_model(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, max_rows: int = 1) -> None:
+    """The sizes `init-model` can build, named as its flags are, before any data is read."""
+    problems = {
+        "--vocab-size": (
+            vocab_size,
+            vocab_size >= 256 + len(SPECIAL_TOKENS),
+            f"at least {256 + len(SPECIAL_TOKENS)} (the 256 bytes and the special tokens)",
+        ),
+        "--hidden-size": (hidden_size, hidden_size >= 2, "at least 2"),
+        "--layers": (num_layers, num_layers >= 1, "at least 1"),
+        "--heads": (num_heads, num_heads >= 1, "at least 1"),
+        "--max-rows": (max_rows, max_rows >= 1, "at least 1"),
+    }
+    for flag, (value, ok, needed) in problems.items():
+        if not ok:
+            raise UserError(f"init-model {flag} {value}: must be {needed}")
+    if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+        raise UserError(
+            f"init-model --hidden-size {hidden_size} must be a multiple of --heads {num_heads} with an even quotient "
+            "(the size of each head, which rotary positions split in two)"
+        )
+
+
 def init_model(
     texts: Iterable[str],
     out_dir: str | Path,

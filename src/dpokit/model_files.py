@@ -40,6 +40,7 @@ def check_model_files(folder: str, gguf: str | None, given: str, weights: bool) 
             "or a .gguf file"
         )
     names = {p.name for p in path.iterdir()}
+    run = f" (a run folder: did you mean {given.rstrip('/')}/final?)" if (path / "final").is_dir() else ""
     if not names:
         raise ModelError(f"model folder '{given}' is empty; give a folder written by save_pretrained, or a .gguf file")
     if "adapter_config.json" in names:
@@ -47,7 +48,7 @@ def check_model_files(folder: str, gguf: str | None, given: str, weights: bool) 
     if weights and "config.json" not in names:
         raise ModelError(
             f"model folder '{given}' holds no config.json, so it is not a Hugging Face model folder (one written by "
-            f"save_pretrained); it holds {', '.join(sorted(names)[:5])}"
+            f"save_pretrained){run}; it holds {', '.join(sorted(names)[:5])}"
         )
     if "config.json" in names:
         try:
@@ -56,8 +57,8 @@ def check_model_files(folder: str, gguf: str | None, given: str, weights: bool) 
             raise ModelError(f"{path / 'config.json'} is not valid JSON ({e}); copy the model again") from None
     if not weights and not names & TOKENIZER_FILES:
         raise ModelError(
-            f"model folder '{given}' holds no tokenizer (tokenizer.json, tokenizer.model or vocab.json); save the "
-            "tokenizer with the model (tokenizer.save_pretrained)"
+            f"model folder '{given}' holds no tokenizer (tokenizer.json, tokenizer.model or vocab.json){run}; save "
+            "the tokenizer with the model (tokenizer.save_pretrained)"
         )
     if weights:
         _check_weights(path, given)

@@ -221,4 +221,7 @@ def check_new_folder(path: str, what: str) -> Path:
             f"{what} {path} already exists and is not an empty folder; choose a new folder (dpokit never replaces "
             "a model)"
         )
+    above = next(p for p in out.parents if p.exists())
+    if not above.is_dir():
+        raise OutputFolderError(f"{what} {path} cannot be made: {above} is a file, not a folder")
     return out

@@ -31,7 +31,7 @@ from dpokit.config import RunConfig, save_config, to_dict
 from dpokit.data.batching import AnyBatch, Collate, batches_in_order, collate_for, step_examples
 from dpokit.data.prepare import PreparedData, prepare_data
 from dpokit.data.report import DataError
-from dpokit.device import autocast_for, check_attention, pick_device, seed_everything
+from dpokit.device import autocast_for, check_attention, out_of_resources, pick_device, seed_everything
 from dpokit.errors import UserError
 from dpokit.logprobs import batch_logps
 from dpokit.lora import apply_lora
@@ -153,7 +153,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> d
     """Run SFT or preference optimisation as the config says; return the summary (also in summary.json).
     `resume` continues the run in `train.output_dir`, `overwrite` replaces it; without either the folder must hold
     no run (runfolder.py)."""
-    with claim(config, resume, overwrite) as folder:
+    with claim(config, resume, overwrite) as folder, out_of_resources(config.train.micro_batch_size):
         return _train(config, folder, resume)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tests.bad_input import ENVIRONMENT, FILES, RUN_ARGS, Case, World
+from tests.bad_input import ENVIRONMENT, FILES, LOST_WORK, RUN_ARGS, VALUES, Case, World
 from tests.conftest import hh_rows
 
 Setup = Callable[[World], object]
@@ -316,5 +316,49 @@ CASES: list[Case] = [
         ("dpo", *RUN_ARGS, f"train.report_to=[{MISSING_TRACKER}]"),
         ("train.report_to", MISSING_TRACKER),
         applies=lambda: importlib.util.find_spec(MISSING_TRACKER) is None,
+    ),
+    # --- others: arguments and names a probe would try -----------------------------------------------------------
+    *(
+        Case(f"init-model-{name}", VALUES, ("init-model", "--data", "{data}", "--out", "{root}/new", *args), expect)
+        for name, args, expect in (
+            ("vocab-negative", ("--vocab-size", "-5"), ("--vocab-size -5",)),
+            ("vocab-below-the-bytes", ("--vocab-size", "0"), ("--vocab-size 0", "at least 262")),
+            ("hidden-not-a-multiple", ("--hidden-size", "30", "--heads", "4"), ("--hidden-size 30", "--heads 4")),
+            ("heads-zero", ("--heads", "0"), ("--heads 0",)),
+            ("layers-zero", ("--layers", "0"), ("--layers 0",)),
+            ("hidden-zero", ("--hidden-size", "0"), ("--hidden-size 0",)),
+            ("max-rows-zero", ("--max-rows", "0"), ("--max-rows 0",)),
+        )
+    ),
+    Case(
+        "init-model-out-under-a-file",
+        LOST_WORK,
+        ("init-model", "--data", "{data}", "--out", "{data}/m"),
+        ("init-model --out {data}/m", "is a file"),
+    ),
+    data_case("data-csv", "d.csv", lambda w: b"prompt,chosen,rejected\np,a,b\n", ".csv files are not read"),
+    data_case("json-holding-json-lines", "d.json", _jsonl, "one JSON value per line"),
+    Case("data-train-path-unset", VALUES, ("dpo", *RUN_ARGS, "data.train_path=''"), ("data.train_path",)),
+    Case(
+        "output-dir-tilde",
+        VALUES,
+        ("dpo", *RUN_ARGS, "train.output_dir=~/runs/x"),
+        ("train.output_dir=~/runs/x", "does not expand"),
+    ),
+    Case("model-path-tilde", VALUES, ("dpo", *RUN_ARGS, "model.path=~/models/m"), ("model.path=~/models/m",)),
+    Case(
+        "run-folder-as-model",
+        FILES,
+        ("dpo", *RUN_ARGS, "model.path={root}/prev"),
+        ("{root}/prev", "did you mean {root}/prev/final"),
+        lambda w: w.copy_run(w.root / "prev"),
+    ),
+    Case(
+        "byte-order-mark-is-read",
+        FILES,
+        ("validate", "{root}/bom.jsonl"),
+        ("rows loaded: 12, records: 12",),
+        lambda w: (w.root / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + w.data.read_bytes()),
+        code=0,
     ),
 ]

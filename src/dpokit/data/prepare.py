@@ -35,6 +35,8 @@ def data_source(path: str, split: str, config: DataConfig) -> Path | HubDataset:
 
 
 def load_split_records(config: DataConfig, use: Use) -> tuple[list[Record], list[Record], DataReport, DataReport]:
+    if not config.train_path:
+        raise DataError("no training data given: set data.train_path to a data file, a save_to_disk folder or a Hub id")
     train_report, eval_report = DataReport(), DataReport()
     records, _ = load_records(
         data_source(config.train_path, config.train_split, config),
