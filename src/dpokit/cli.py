@@ -71,7 +71,10 @@ def _config(path: str | None, overrides: Sequence[str], command: str) -> RunConf
 
 
 def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
-    config = next((a for a in args if a.endswith((".yaml", ".yml")) and "=" not in a), None)
+    configs = [a for a in args if a.endswith((".yaml", ".yml")) and "=" not in a]
+    if len(configs) > 1:
+        raise ConfigError(f"give one CONFIG.yaml, not {len(configs)} ({', '.join(configs)}); set the rest as overrides")
+    config = configs[0] if configs else None
     return config, [a for a in args if a != config]
 
 

@@ -55,6 +55,8 @@ def local_model_path(
     if not path:
         raise ModelError("no model given: set model.path to a Hugging Face model folder, a .gguf file or a Hub id")
     folder, gguf = split_model_path(path, gguf_file)
+    if revision is not None and Path(folder).exists():
+        raise ModelError(f"model.revision={revision} applies to Hub ids, and '{path}' is a local path; leave it out")
     folder = resolve_model(folder, revision, gguf)
     check_model_files(folder, gguf, path, weights)
     return folder, gguf

@@ -12,6 +12,7 @@ from dpokit.device import autocast_for, check_attention, pick_device
 from dpokit.losses import LOSSES
 from dpokit.model import DTYPES, load_model, load_tokenizer
 from dpokit.reference import cache_parts, is_cache, save_cache, score, tokenizer_digest, weights_digest
+from dpokit.runfolder import check_creatable
 
 
 def precompute_reference(config: RunConfig) -> Path:
@@ -23,6 +24,7 @@ def precompute_reference(config: RunConfig) -> Path:
             f"reference.cache={cache} exists and is not a reference cache dpokit wrote; precompute-ref replaces only "
             "its own caches: choose another path"
         )
+    check_creatable(cache, f"reference.cache={cache}")
     device = pick_device(config.train.device)
     check_attention(config.model.attn_implementation, device, backward=False)
     autocast = autocast_for(config.train.precision, device)

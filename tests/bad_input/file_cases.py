@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tests.bad_input import ENVIRONMENT, FILES, LOST_WORK, RUN_ARGS, VALUES, Case, World
+from tests.bad_input import CONTRADICTIONS, ENVIRONMENT, FILES, LOST_WORK, RUN_ARGS, VALUES, Case, World
 from tests.conftest import hh_rows
 
 Setup = Callable[[World], object]
@@ -361,4 +361,27 @@ CASES: list[Case] = [
         lambda w: (w.root / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + w.data.read_bytes()),
         code=0,
     ),
+    Case(
+        "two-config-files",
+        VALUES,
+        ("dpo", "{root}/a.yaml", "{root}/b.yaml"),
+        ("give one CONFIG.yaml", "b.yaml"),
+        lambda w: [(w.root / n).write_text("train:\n  lr: 0.1\n") for n in ("a.yaml", "b.yaml")],
+    ),
+    Case(
+        "cache-under-a-file",
+        LOST_WORK,
+        ("precompute-ref", *RUN_ARGS, "reference.cache={data}/r.st"),
+        ("reference.cache={data}/r.st", "is a file"),
+    ),
+    Case("export-under-a-file", LOST_WORK, ("export", "{model}", "{data}/x"), ("export OUT {data}/x", "is a file")),
+    Case("export-onto-a-model", LOST_WORK, ("export", "{model}", "{model}"), ("export OUT {model}", "already exists")),
+    Case(
+        "revision-with-a-local-model",
+        CONTRADICTIONS,
+        ("dpo", *RUN_ARGS, "model.revision=v1"),
+        ("model.revision=v1", "local path"),
+    ),
+    Case("subset-with-local-data", CONTRADICTIONS, ("dpo", *RUN_ARGS, "data.subset=x"), ("data.subset=x", "local")),
+    Case("data-dir-with-local-data", CONTRADICTIONS, ("dpo", *RUN_ARGS, "data.data_dir=x"), ("data.data_dir=x",)),
 ]

@@ -38,8 +38,12 @@ def load_split_records(config: DataConfig, use: Use) -> tuple[list[Record], list
     if not config.train_path:
         raise DataError("no training data given: set data.train_path to a data file, a save_to_disk folder or a Hub id")
     train_report, eval_report = DataReport(), DataReport()
+    source = data_source(config.train_path, config.train_split, config)
+    for key, value in {"data.subset": config.subset, "data.data_dir": config.data_dir}.items():
+        if value is not None and not (isinstance(source, HubDataset) or config.eval_path):
+            raise DataError(f"{key}={value} applies to Hub data sets, and '{source}' is a local path; leave it out")
     records, _ = load_records(
-        data_source(config.train_path, config.train_split, config),
+        source,
         config.format,
         use,
         config.on_error,
