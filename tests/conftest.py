@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,25 @@ def base_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     names = {"model": str(tiny_model), "data": str(data), "out": str(root / "run")}
     train(load_config(None, [a.format(**names) for a in (*RUN_ARGS, *BASE_RUN)]))
     return root / "run"
+
+
+class _CurrentStderr:
+    """Whatever `sys.stderr` is when written to (pytest swaps it for every test that captures output)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _transformers_logs_to_the_current_stderr() -> None:
+    """transformers' log handler keeps the stream that was stderr when it was made: a test that captured output,
+    long closed when a later test logs, which then shows logging's own "--- Logging error ---" traceback."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.get_logger("transformers")  # makes the handler
+    for handler in logging.getLogger("transformers").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.stream = _CurrentStderr()

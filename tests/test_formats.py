@@ -10,23 +10,26 @@ from dpokit.data.formats import FORMATS, Record, RowContext, RowFormat, detect_f
 from dpokit.data.report import DataError
 from tests.conftest import HH, IMDB, ULTRAFEEDBACK_EVAL, ULTRAFEEDBACK_TRAIN, VADER, write_jsonl
 
-# SOURCE.md of hh-rlhf: rows, chosen == rejected, prompt mismatch.
+# SOURCE.md of hh-rlhf: rows, chosen == rejected, prompt mismatch; then replies that are only whitespace once split
+# from the prompt (issue 14 counted them: 4 in harmless-base, 7 in helpful-*), skipped as empty_chosen/rejected.
 HH_COUNTS = {
-    "harmless-base": (2312, 0, 4),
-    "helpful-base": (2354, 2, 2),
-    "helpful-online": (1137, 2, 0),
-    "helpful-rejection-sampled": (2749, 32, 1),
+    "harmless-base": (2312, 0, 4, 4),
+    "helpful-base": (2354, 2, 2, 4),
+    "helpful-online": (1137, 2, 0, 3),
+    "helpful-rejection-sampled": (2749, 32, 1, 0),
 }
 
 
 @pytest.mark.parametrize("subset", list(HH_COUNTS))
 def test_hh_subsets_load_with_quirks_counted(subset: str) -> None:
-    rows, identical, mismatch = HH_COUNTS[subset]
+    rows, identical, mismatch, blank = HH_COUNTS[subset]
     records, report = load_records(HH[subset])
     assert report.loaded == rows
     assert report.skipped.get("identical_chosen_rejected", 0) == identical
     assert report.skipped.get("prompt_mismatch", 0) == mismatch
-    assert len(records) == rows - identical - mismatch == report.records
+    assert report.skipped.get("empty_chosen", 0) + report.skipped.get("empty_rejected", 0) == blank
+    assert all(c.strip() for r in records for c in r.completions)
+    assert len(records) == rows - identical - mismatch - blank == report.records
     first = records[0]
     assert first.prompt.startswith("\n\nHuman:") and first.prompt.endswith("\n\nAssistant:")
     assert not first.completions[0].startswith("\n\nAssistant:")

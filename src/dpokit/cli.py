@@ -71,7 +71,10 @@ def _config(path: str | None, overrides: Sequence[str], command: str) -> RunConf
 
 
 def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
-    config = next((a for a in args if a.endswith((".yaml", ".yml")) and "=" not in a), None)
+    configs = [a for a in args if a.endswith((".yaml", ".yml")) and "=" not in a]
+    if len(configs) > 1:
+        raise ConfigError(f"give one CONFIG.yaml, not {len(configs)} ({', '.join(configs)}); set the rest as overrides")
+    config = configs[0] if configs else None
     return config, [a for a in args if a != config]
 
 
@@ -314,9 +317,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "init-model":
         from dpokit.data.formats import Use, load_records, record_texts, sniff_format
-        from dpokit.model import init_model
+        from dpokit.model import check_init_model, init_model
         from dpokit.runfolder import check_new_folder
 
+        check_init_model(args.vocab_size, args.hidden_size, args.layers, args.heads, args.max_rows)
         check_new_folder(args.out, "init-model --out")
         fmt = sniff_format(args.data, args.text_field)
         use: Use = "sft" if fmt in ("text", "completion") else "pairs"
@@ -341,7 +345,8 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    """Exit 0 when every row is usable (content quirks are counted, not failures), 1 when some rows are malformed."""
+    """Exit 0 when every row is usable (content quirks are counted, not failures), 1 when some rows are malformed or
+    none is usable."""
     from dpokit.data.formats import Use, load_records
     from dpokit.data.report import MAX_MESSAGES, DataReport
     from dpokit.data.tokenize import tokenize_records
@@ -356,13 +361,15 @@ def _validate(args: argparse.Namespace) -> int:
         from dpokit.model import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
-        tokenize_records(records, tokenizer, data.max_length, data.max_prompt_length, report)
+        tokenize_records(records, tokenizer, data.max_length, data.max_prompt_length, report, on_error="skip")
     for message in report.messages:
         print(message)
     if len(report.messages) == MAX_MESSAGES:
         print(f"... (only the first {MAX_MESSAGES} malformed rows are shown; the counts below cover all)")
     print("\n".join(report.lines()))
-    return 1 if report.messages else 0
+    if not records:
+        print(f"{data.train_path}: no usable rows, nothing to train on")
+    return 1 if report.messages or not records else 0
 
 
 if __name__ == "__main__":

@@ -92,10 +92,14 @@ BOUNDS: dict[str, Bounds] = {
 }
 """Every int and float field of the schema, by `section.field` (a test checks that none is missing)."""
 
+PATHS = {"model.path", "data.train_path", "data.eval_path", "reference.path", "reference.cache", "train.output_dir"}
+"""Fields holding a path: a leading `~` there is a folder named `~`, since only the shell expands it."""
 NON_EMPTY = {"data.text_field", "model.attn_implementation", "train.output_dir"}
 """String fields that must hold something when given (an empty output folder would mean the current folder)."""
 
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""transformers' attention kernels; a Hub kernel (`org/name`) or a `paged|...` one is passed through as given."""
 
 
 def _check_number(key: str, value: Any) -> None:
@@ -124,6 +128,18 @@ def check_fields(section: str, obj: Any) -> None:
         _check_number(key, value)
         if key in NON_EMPTY and isinstance(value, str) and not value.strip():
             raise ConfigError(f"{key} is empty; give a value (or leave the key out for the default)")
+        if key in PATHS and isinstance(value, str) and value.startswith("~"):
+            raise ConfigError(
+                f"{key}={value} starts with '~', which dpokit does not expand (a shell expands it at the start of a "
+                "word, not after '='): write the full path"
+            )
+    attention = getattr(obj, "attn_implementation", None) if section == "model" else None
+    if attention and attention not in ATTENTION and "/" not in attention and not attention.startswith("paged|"):
+        close = difflib.get_close_matches(attention, ATTENTION, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"model.attn_implementation={attention!r} is not an attention kernel: use {', '.join(ATTENTION)}{hint}"
+        )
     if section == "train" and not DEVICE.fullmatch(obj.device):
         hint = " (did you mean 'cuda'?)" if obj.device.lower() in ("gpu", "cuda0", "nvidia") else ""
         raise ConfigError(f"train.device={obj.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps{hint}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from dpokit.config import load_config
 from dpokit.errors import UserError
 from dpokit.model import DTYPES, is_adapter_folder, load_tokenizer
+from dpokit.runfolder import check_new_folder
 
 RUN_FILES_LEFT_OUT = ("trainer_state.pt",)
 """What a checkpoint holds for --resume only."""
@@ -32,8 +33,7 @@ def model_folder(run: Path) -> Path:
 
 def export(run: str | Path, out: str | Path, merge: bool = False) -> Path:
     run, out = Path(run), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"export: {out} exists and is not empty; give a new folder")
+    check_new_folder(str(out), "export OUT")
     folder = model_folder(run)
     adapter = is_adapter_folder(folder)
     if merge and not adapter:

@@ -12,6 +12,7 @@ import torch
 
 from dpokit.errors import UserError
 from dpokit.hub import resolve_model
+from dpokit.model_files import ModelError, check_model_files, loading
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
@@ -20,10 +21,6 @@ CHAT_TEMPLATE = (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """`model.dtype` names -> torch dtypes."""
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-
-
-class ModelError(UserError):
-    """A model or tokenizer that cannot be used as given: a missing path, a tokenizer without an EOS token."""
 
 
 def split_model_path(path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
@@ -49,13 +46,20 @@ def adapter_base(folder: str | Path) -> str:
     return str(base)
 
 
-def local_model_path(path: str, gguf_file: str | None = None, revision: str | None = None) -> tuple[str, str | None]:
+def local_model_path(
+    path: str, gguf_file: str | None = None, revision: str | None = None, weights: bool = False
+) -> tuple[str, str | None]:
     """(folder, gguf file) on this machine for `model.path`: a local folder or `.gguf` file as it is (a local path
-    always wins), else the snapshot of that Hub id in the Hub cache (downloaded unless offline)."""
+    always wins), else the snapshot of that Hub id in the Hub cache (downloaded unless offline). Either is checked to
+    be a model (with its weights when `weights`) before transformers reads it (model_files.py)."""
     if not path:
         raise ModelError("no model given: set model.path to a Hugging Face model folder, a .gguf file or a Hub id")
     folder, gguf = split_model_path(path, gguf_file)
-    return resolve_model(folder, revision, gguf), gguf
+    if revision is not None and Path(folder).exists():
+        raise ModelError(f"model.revision={revision} applies to Hub ids, and '{path}' is a local path; leave it out")
+    folder = resolve_model(folder, revision, gguf)
+    check_model_files(folder, gguf, path, weights)
+    return folder, gguf
 
 
 def load_tokenizer(path: str, gguf_file: str | None = None, revision: str | None = None) -> Any:
@@ -64,7 +68,10 @@ def load_tokenizer(path: str, gguf_file: str | None = None, revision: str | None
     folder, gguf = local_model_path(path, gguf_file, revision)
     if is_adapter_folder(folder) and not (Path(folder) / "tokenizer_config.json").exists():
         return load_tokenizer(adapter_base(folder))  # an adapter saved without a tokenizer: its base model's
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
+    with loading(path):
+        tokenizer = (
+            AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
+        )
     if tokenizer.eos_token_id is None:
         raise ModelError(
             f"the tokenizer at '{path}' has no EOS token, and completions need one to end: set eos_token in its "
@@ -87,15 +94,16 @@ def load_model(
     that holds a PEFT adapter loads as its base model with the adapter merged in (see dpokit.lora)."""
     from transformers import AutoModelForCausalLM
 
-    folder, gguf = local_model_path(path, gguf_file, revision)
+    folder, gguf = local_model_path(path, gguf_file, revision, weights=True)
     if is_adapter_folder(folder):
         from dpokit.lora import load_merged
 
         return load_merged(folder, attn_implementation, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
+    with loading(path):
+        model = AutoModelForCausalLM.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}), **kwargs)
     if not gguf:
-        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs)
+        return model
     # transformers dequantizes GGUF weights to `dtype` on load, so what we hold is an ordinary model; dropping the
     # quantizer record lets save_pretrained write it as plain safetensors that load without the GGUF file.
     setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as a Module attribute)
@@ -151,6 +159,29 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
         chat_template=CHAT_TEMPLATE,
         additional_special_tokens=SPECIAL_TOKENS[3:],
     )
+
+
+def check_init_model(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, max_rows: int = 1) -> None:
+    """The sizes `init-model` can build, named as its flags are, before any data is read."""
+    problems = {
+        "--vocab-size": (
+            vocab_size,
+            vocab_size >= 256 + len(SPECIAL_TOKENS),
+            f"at least {256 + len(SPECIAL_TOKENS)} (the 256 bytes and the special tokens)",
+        ),
+        "--hidden-size": (hidden_size, hidden_size >= 2, "at least 2"),
+        "--layers": (num_layers, num_layers >= 1, "at least 1"),
+        "--heads": (num_heads, num_heads >= 1, "at least 1"),
+        "--max-rows": (max_rows, max_rows >= 1, "at least 1"),
+    }
+    for flag, (value, ok, needed) in problems.items():
+        if not ok:
+            raise UserError(f"init-model {flag} {value}: must be {needed}")
+    if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+        raise UserError(
+            f"init-model --hidden-size {hidden_size} must be a multiple of --heads {num_heads} with an even quotient "
+            "(the size of each head, which rotary positions split in two)"
+        )
 
 
 def init_model(

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpokit.compat import check_policy, check_reference_tokenizer
 from dpokit.config import ConfigError, RunConfig
 from dpokit.data.batching import batches_in_order, collate_for
 from dpokit.data.prepare import prepare_data
-from dpokit.device import autocast_for, pick_device
+from dpokit.device import autocast_for, check_attention, pick_device
 from dpokit.losses import LOSSES
 from dpokit.model import DTYPES, load_model, load_tokenizer
 from dpokit.reference import cache_parts, is_cache, save_cache, score, tokenizer_digest, weights_digest
+from dpokit.runfolder import check_creatable
 
 
 def precompute_reference(config: RunConfig) -> Path:
@@ -22,13 +24,17 @@ def precompute_reference(config: RunConfig) -> Path:
             f"reference.cache={cache} exists and is not a reference cache dpokit wrote; precompute-ref replaces only "
             "its own caches: choose another path"
         )
+    check_creatable(cache, f"reference.cache={cache}")
     device = pick_device(config.train.device)
+    check_attention(config.model.attn_implementation, device, backward=False)
     autocast = autocast_for(config.train.precision, device)
     tokenizer = load_tokenizer(config.model.path, config.model.gguf_file, config.model.revision)
     data = prepare_data(config.data, tokenizer, LOSSES[config.loss.name].data)
     path = config.reference.path or config.model.path
     gguf, revision = (None, None) if config.reference.path else (config.model.gguf_file, config.model.revision)
+    check_reference_tokenizer(config, tokenizer_digest(tokenizer))
     model = load_model(path, gguf, config.model.attn_implementation, DTYPES[config.model.dtype], revision)
+    check_policy(config, tokenizer, model, path)
     parts = cache_parts(weights_digest(model), tokenizer_digest(tokenizer), data.train, data.eval, config)
     model.to(device)
     size, chunk = config.train.micro_batch_size, config.train.logits_chunk

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from dpokit.compat import check_reference
 from dpokit.config import ConfigError, RunConfig
 from dpokit.data.collate import Batch
 from dpokit.data.pack import PackedBatch
@@ -175,6 +176,7 @@ def make_reference(
         assert config.reference.path is not None
         dtype = DTYPES[config.model.dtype]
         reference = load_model(config.reference.path, None, config.model.attn_implementation, dtype).to(device)
+        check_reference(config, policy, reference)
     reference.eval().requires_grad_(False)
 
     @torch.no_grad()

@@ -221,4 +221,12 @@ def check_new_folder(path: str, what: str) -> Path:
             f"{what} {path} already exists and is not an empty folder; choose a new folder (dpokit never replaces "
             "a model)"
         )
+    check_creatable(out, f"{what} {path}")
     return out
+
+
+def check_creatable(path: Path, what: str) -> None:
+    """The folders above `path` that exist are folders (so that it can be made), checked before any work."""
+    above = next(p for p in Path(os.path.abspath(path)).parents if p.exists())
+    if not above.is_dir():
+        raise OutputFolderError(f"{what} cannot be made: {above} is a file, not a folder")

@@ -26,11 +26,12 @@ from tqdm.auto import tqdm
 from dpokit import distributed, tracking
 from dpokit import resume as resume_checks
 from dpokit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_model, step_folders
-from dpokit.config import ConfigError, RunConfig, save_config, to_dict
+from dpokit.compat import check_policy, check_reference_tokenizer
+from dpokit.config import RunConfig, save_config, to_dict
 from dpokit.data.batching import AnyBatch, Collate, batches_in_order, collate_for, step_examples
 from dpokit.data.prepare import PreparedData, prepare_data
 from dpokit.data.report import DataError
-from dpokit.device import autocast_for, pick_device, seed_everything
+from dpokit.device import autocast_for, check_attention, out_of_resources, pick_device, seed_everything
 from dpokit.errors import UserError
 from dpokit.logprobs import batch_logps
 from dpokit.lora import apply_lora
@@ -152,7 +153,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> d
     """Run SFT or preference optimisation as the config says; return the summary (also in summary.json).
     `resume` continues the run in `train.output_dir`, `overwrite` replaces it; without either the folder must hold
     no run (runfolder.py)."""
-    with claim(config, resume, overwrite) as folder:
+    with claim(config, resume, overwrite) as folder, out_of_resources(config.train.micro_batch_size):
         return _train(config, folder, resume)
 
 
@@ -256,11 +257,7 @@ def set_up(config: RunConfig, folder: RunFolder, resume: bool) -> Run:
     written into the claimed output folder."""
     t = config.train
     device = pick_device(t.device)
-    if device.type == "cpu" and config.model.attn_implementation == "flex_attention":
-        raise ConfigError(
-            "model.attn_implementation=flex_attention trains on GPUs only: PyTorch has no FlexAttention backward on "
-            "CPU. Use sdpa on CPU (precompute-ref, which runs no backward, accepts flex_attention anywhere)."
-        )
+    check_attention(config.model.attn_implementation, device, backward=True)
     autocast = autocast_for(t.precision, device)
     tracking.resolve(t.report_to)  # a tracker that is not installed fails here, before anything is written
     seed_everything(t.seed, t.deterministic)
@@ -279,8 +276,6 @@ def set_up(config: RunConfig, folder: RunFolder, resume: bool) -> Run:
             f"{config.data.train_path}: {len(data.train)} training examples (counts above) are fewer than "
             f"train.batch_size={t.batch_size}; lower train.batch_size or give more data"
         )
-    folder.begin()
-    save_config(config, out / "config.yaml")
     total_steps = t.max_steps if t.max_steps is not None else t.epochs * (len(data.train) // t.batch_size)
     policy, reference_logps = load_models(config, device, tokenizer, data)
     optimizer = make_optimizer(config, policy)
@@ -304,6 +299,8 @@ def set_up(config: RunConfig, folder: RunFolder, resume: bool) -> Run:
         run.start_step, run.skipped_steps = resume_checks.restore(
             resumable, config, digests, lambda path: load_training_state(path, policy, optimizer, scheduler)
         )
+    folder.begin()  # the first write: a run that failed before here left the output folder as it found it
+    save_config(config, out / "config.yaml")
     return run
 
 
@@ -316,12 +313,15 @@ def load_models(
     if config.reference.mode == "precomputed":
         data_parts = cache_parts(None, tokenizer_digest(tokenizer), data.train, data.eval, config)
         check_cache(str(config.reference.cache), data_parts)
+    if config.reference.mode == "path":
+        check_reference_tokenizer(config, tokenizer_digest(tokenizer))
     dtype = DTYPES[config.model.dtype]
     m = config.model
     if m.head == "score":
         policy = load_reward_model(m.path, m.dtype, m.attn_implementation)[0].to(device)
     else:
         policy = load_model(m.path, m.gguf_file, m.attn_implementation, dtype, m.revision).to(device)
+    check_policy(config, tokenizer, policy, m.path)
     policy.config.use_cache = False
     if m.lora is not None:  # adapters on the frozen model; π_ref (mode copy) is the same model with them disabled
         policy = apply_lora(policy, m.lora, m.path, m.revision)

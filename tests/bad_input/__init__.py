@@ -54,6 +54,11 @@ class Case:
     """Texts the error line must contain (formatted like argv)."""
     setup: Callable[[World], None] | None = None
     code: int = 2
+    said: str = "error"
+    """Where the texts must appear: `error` (the one `dpokit X: error:` line on stderr) or `out` (stdout, for
+    `validate`, which reports malformed rows there and exits 1)."""
+    applies: Callable[[], bool] = lambda: True
+    """Whether the case means anything on this machine (`train.device=cuda` is no fault where CUDA exists)."""
 
 
 RUN_ARGS = (

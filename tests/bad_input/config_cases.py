@@ -80,6 +80,9 @@ CASES: list[Case] = [
     config_case(VALUES, "override-no-equals", "loss.beta", expect=("loss.beta", "section.field=value")),
     config_case(VALUES, "override-into-value", "train.lr.x=1", expect=("train.lr", "{{'x': 1}}")),
     config_case(VALUES, "override-duplicate-inline", "train={{lr: 1, lr: 2}}", expect=("key 'lr' is given twice",)),
+    config_case(VALUES, "lora-rank-zero", "model.lora.r=0"),
+    config_case(VALUES, "lora-dropout-one", "model.lora.dropout=1", expect=("model.lora.dropout=1.0",)),
+    config_case(VALUES, "lora-alpha-zero", "model.lora.alpha=0"),
     # --- 4. settings that contradict each other --------------------------------------------------------------------
     config_case(
         CONTRADICTIONS, "copy-with-path", "reference.path={model}", expect=("reference.path=", "reference.mode=copy")

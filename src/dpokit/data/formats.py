@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dpokit.data.content import EmptyCompletion, Quirk, blank, check_messages, check_unicode
 from dpokit.data.readers import iter_rows
 from dpokit.data.report import DataError, DataReport
 from dpokit.hub import HubDataset
@@ -50,16 +51,22 @@ class Record:
         return isinstance(self.prompt, list)
 
 
-class EmptyCompletion(Exception):
-    """A completion that is an empty string: a content quirk, skipped and counted rather than trained on."""
-
-
-def _field(row: dict[str, Any], name: str, where: str, chat: bool | None = None, completion: bool = True) -> Text:
-    """A string (non-empty for completions), or (chat) a non-empty list of {role, content} messages."""
+def _field(
+    row: dict[str, Any],
+    name: str,
+    where: str,
+    chat: bool | None = None,
+    completion: bool = True,
+    transcript: bool = False,
+) -> Text:
+    """A string (non-empty for completions), or (chat) a non-empty list of {role, content} messages. Raises
+    `Quirk` for content that is well-formed but not to be trained on (content.py). A `transcript` (an
+    implicit-prompt row's whole conversation) is checked as a completion only once split."""
     if name not in row:
         raise DataError(f"{where}: missing field '{name}'", "missing_field")
     value = row[name]
     if isinstance(value, str) and chat is not True:
+        check_unicode(value, name, where)
         if completion and not value.strip():
             raise EmptyCompletion(name)
         return value
@@ -71,6 +78,8 @@ def _field(row: dict[str, Any], name: str, where: str, chat: bool | None = None,
                 raise DataError(
                     f"{where}: field '{name}[{j}]' must be a {{role, content}} message with string values", "wrong_type"
                 )
+            check_unicode(m["content"], f"{name}[{j}].content", where)
+        check_messages(value, name, completion and not transcript)
         return value
     kind = "a list of messages" if chat else "a string"
     raise DataError(f"{where}: field '{name}' must be {kind}, got {type(value).__name__}", "wrong_type")
@@ -127,7 +136,9 @@ def _responses(row: dict[str, Any], where: str) -> tuple[Text, list[Text]]:
     if not isinstance(responses, list) or len(responses) < 2:
         raise DataError(f"{where}: field 'responses' must be a list of at least 2 completions", "wrong_type")
     chat = isinstance(prompt, list)
-    return prompt, [_field({"r": r}, "r", f"{where} responses[{j}]", chat) for j, r in enumerate(responses)]
+    return prompt, [
+        _field({"response": r}, "response", f"{where} responses[{j}]", chat) for j, r in enumerate(responses)
+    ]
 
 
 def _indices(value: Any, n: int, name: str, where: str) -> list[int]:
@@ -150,6 +161,9 @@ class RowContext:
 
 def _preference(prompt: Text, chosen: Text, rejected: Text, ctx: RowContext) -> list[Record]:
     """One chosen/rejected pair (for SFT: the chosen completion alone); identical completions are skipped."""
+    for name, text in ({"chosen": chosen} if ctx.use == "sft" else {"chosen": chosen, "rejected": rejected}).items():
+        if blank(text):  # e.g. a transcript whose reply is a single space once split from its prompt
+            raise EmptyCompletion(name)
     if ctx.use == "sft":
         return [Record(prompt, (chosen,), ctx.where)]
     return _pair_records(prompt, [(chosen, rejected)], ctx)
@@ -177,6 +191,8 @@ def pairs_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
     pairs = row["pairs"]
     if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
         raise DataError(f"{ctx.where}: field 'pairs' must be a list of [winner, loser] index pairs", "wrong_type")
+    if not pairs:
+        raise Quirk("no_pairs")
     if ctx.use == "sft":
         winners = dict.fromkeys(_indices([p[0] for p in pairs], len(responses), "pairs", ctx.where))
         return [Record(prompt, (responses[w],), ctx.where) for w in winners]
@@ -215,8 +231,8 @@ def standard_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
 
 
 def implicit_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
-    chosen = _field(row, "chosen", ctx.where)
-    rejected = _field(row, "rejected", ctx.where, chat=isinstance(chosen, list))
+    chosen = _field(row, "chosen", ctx.where, transcript=True)
+    rejected = _field(row, "rejected", ctx.where, chat=isinstance(chosen, list), transcript=True)
     split = _split_implicit(chosen, rejected, ctx.where)
     if split is None:
         ctx.report.skip("prompt_mismatch", ctx.where)
@@ -381,8 +397,8 @@ def load_records(
             if fmt == "auto":
                 fmt = detect_format(row, where, text_field)
             records.extend(row_to_records(row, fmt, use, where, report, text_field, chat))
-        except EmptyCompletion as e:
-            report.skip(f"empty_{e}", where)
+        except Quirk as e:
+            report.skip(e.reason, where)
         except DataError as e:
             if on_error == "raise":
                 raise

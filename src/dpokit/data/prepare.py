@@ -35,9 +35,15 @@ def data_source(path: str, split: str, config: DataConfig) -> Path | HubDataset:
 
 
 def load_split_records(config: DataConfig, use: Use) -> tuple[list[Record], list[Record], DataReport, DataReport]:
+    if not config.train_path:
+        raise DataError("no training data given: set data.train_path to a data file, a save_to_disk folder or a Hub id")
     train_report, eval_report = DataReport(), DataReport()
+    source = data_source(config.train_path, config.train_split, config)
+    for key, value in {"data.subset": config.subset, "data.data_dir": config.data_dir}.items():
+        if value is not None and not (isinstance(source, HubDataset) or config.eval_path):
+            raise DataError(f"{key}={value} applies to Hub data sets, and '{source}' is a local path; leave it out")
     records, _ = load_records(
-        data_source(config.train_path, config.train_split, config),
+        source,
         config.format,
         use,
         config.on_error,
@@ -74,10 +80,13 @@ def prepare_data(config: DataConfig, tokenizer: Any, use: Use) -> PreparedData:
     records, eval_records, train_report, eval_report = load_split_records(config, use)
     if not records:
         raise DataError(f"{config.train_path}: no usable training rows ({'; '.join(train_report.lines())})")
-    train = tokenize_records(
-        records, tokenizer, config.max_length, config.max_prompt_length, train_report, "tokenizing train"
-    )
-    held_out = tokenize_records(
-        eval_records, tokenizer, config.max_length, config.max_prompt_length, eval_report, "tokenizing eval"
-    )
+    lengths = (config.max_length, config.max_prompt_length)
+    train = tokenize_records(records, tokenizer, *lengths, train_report, "tokenizing train", config.on_error)
+    held_out = tokenize_records(eval_records, tokenizer, *lengths, eval_report, "tokenizing eval", config.on_error)
+    if (config.eval_path or config.eval_split or config.eval_fraction) and not held_out:
+        where = config.eval_path or (f"data.eval_fraction={config.eval_fraction} of {config.train_path}")
+        raise DataError(
+            f"{where}: no usable held-out examples ({'; '.join(eval_report.lines())}); give held-out data that has "
+            "some, or leave it out"
+        )
     return PreparedData(train, held_out, train_report, eval_report)

@@ -40,7 +40,7 @@ def _lines(path: Path, opener: Callable[..., BinaryIO]) -> Iterator[tuple[str, s
         for i, raw in enumerate(f):
             where = f"{path}:{i + 1}"
             try:
-                yield where, raw.decode("utf-8")
+                yield where, raw.decode("utf-8-sig" if i == 0 else "utf-8")  # a byte-order mark is not content
             except UnicodeDecodeError as e:
                 yield where, DataError(f"{where}: bytes that are not UTF-8 at offset {e.start}", "not_utf8")
 
@@ -65,9 +65,10 @@ def read_jsonl(path: Path) -> Rows:
 def read_json(path: Path) -> Rows:
     """A whole file holding one JSON list of rows."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON: {e}") from e
+        lines = " (one JSON value per line? name the file .jsonl)" if "Extra data" in str(e) else ""
+        raise DataError(f"{path}: not valid JSON: {e}{lines}") from e
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json data file must hold a list of rows (use .jsonl for one row per line)")
     yield from _numbered(path, data)
@@ -111,6 +112,8 @@ READERS: dict[str, Reader] = {
 """The reader of each file kind (the names `file_kind` gives)."""
 
 SUFFIX_KINDS = {".json": "json", ".parquet": "parquet", ".tsv": "tsv", ".txt": "tsv"}
+UNSUPPORTED = frozenset({".csv", ".xlsx", ".xls", ".arrow", ".zip", ".tar", ".bz2", ".xz", ".zst", ".pkl", ".pt"})
+"""Suffixes of files that are not data in a form dpokit reads (read as JSON lines, each would fail line by line)."""
 """File kinds named by the last suffix; any other name (`.jsonl`, `.gz`, none) is read as JSON lines."""
 
 
@@ -121,6 +124,10 @@ def file_kind(path: Path) -> str:
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
         return "saved_dataset"
+    if path.suffix.lower() in UNSUPPORTED:
+        raise DataError(
+            f"{path}: {path.suffix} files are not read; convert it to JSON lines (.jsonl, .jsonl.gz), JSON or Parquet"
+        )
     return SUFFIX_KINDS.get(path.suffix, "jsonl")
 
 
@@ -132,4 +139,28 @@ def iter_rows(path: str | Path | HubDataset) -> Rows:
         yield from iter_hub_rows(path)
         return
     path = Path(path)
-    yield from READERS[file_kind(path)](path)
+    kind = file_kind(path)
+    try:
+        yield from READERS[kind](path)
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError) as e:  # damaged files: gzip, zlib, pyarrow (ArrowInvalid is a ValueError)
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: {_damaged(path, kind)} ({first}); {WHAT_TO_DO[kind]}", "unreadable_file") from e
+
+
+WHAT_TO_DO = {
+    "jsonl": "check the file (download or compress it again)",
+    "json": "check the file",
+    "parquet": "write or download it again",
+    "tsv": "check the file",
+    "saved_dataset": "give a folder written by datasets' save_to_disk (one split), copied completely",
+}
+
+
+def _damaged(path: Path, kind: str) -> str:
+    if kind == "saved_dataset":
+        return "a folder that is not a readable `datasets` save_to_disk folder"
+    if kind == "jsonl" and path.suffix == ".gz":
+        return "not a readable gzip file: truncated, damaged, or not gzip-compressed"
+    return f"not a readable {'Parquet' if kind == 'parquet' else 'data'} file: truncated or damaged"

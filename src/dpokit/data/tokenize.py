@@ -61,8 +61,13 @@ def encode_chat(
     tokenizer: Any, prompt: list[dict[str, str]], completion: list[dict[str, str]], source: str
 ) -> tuple[list[int], list[int]]:
     """Chat: render prompt (with generation prompt) and prompt + completion; the first must be a token prefix."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    from jinja2.exceptions import TemplateError
+
+    try:
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    except TemplateError as e:  # templates raise on conversations they do not take (roles out of order, ...)
+        raise DataError(f"{source}: the model's chat template refuses this conversation: {e}", "chat_template") from e
     prompt_ids = _ids(tokenizer, prompt_text, False)
     full_ids = _ids(tokenizer, full_text, False)
     if full_ids[: len(prompt_ids)] != prompt_ids:
@@ -71,7 +76,8 @@ def encode_chat(
             f"{source}: the chat template renders the prompt differently alone than inside the conversation, so "
             f"the prompt/completion boundary is not a token boundary. Prompt alone ends with "
             f"{prompt_text[-40:]!r}; the conversation reads {around!r} there. "
-            "Use a chat template whose generation prompt is a prefix of the rendered assistant turn."
+            "Use a chat template whose generation prompt is a prefix of the rendered assistant turn.",
+            "chat_template_boundary",
         )
     completion_ids = full_ids[len(prompt_ids) :]
     eos = tokenizer.eos_token_id
@@ -98,13 +104,17 @@ def tokenize_record(
     for completion in record.completions:
         if record.is_chat:
             if tokenizer.chat_template is None:
-                raise DataError(f"{record.source}: message-list rows need a tokenizer with a chat template")
+                raise DataError(
+                    f"{record.source}: message-list rows need a tokenizer with a chat template", "no_chat_template"
+                )
             encoded.append(encode_chat(tokenizer, record.prompt, completion, record.source))  # type: ignore[arg-type]
         else:
             encoded.append(encode_text(tokenizer, record.prompt, completion))  # type: ignore[arg-type]
     prompt_ids = _dedupe_bos(encoded[0][0], tokenizer.bos_token_id)
     if any(_dedupe_bos(p, tokenizer.bos_token_id) != prompt_ids for p, _ in encoded[1:]):
-        raise DataError(f"{record.source}: the prompt tokenizes differently for different completions")
+        raise DataError(
+            f"{record.source}: the prompt tokenizes differently for different completions", "prompt_differs"
+        )
     if len(prompt_ids) > max_prompt_length:
         report.truncate("prompt", record.source)
         head = prompt_ids[:1] if prompt_ids[0] == tokenizer.bos_token_id else []
@@ -127,11 +137,20 @@ def tokenize_records(
     max_prompt_length: int,
     report: DataReport,
     desc: str = "tokenizing",
+    on_error: str = "raise",
 ) -> list[TokenizedExample]:
+    """Tokenize every record; one that cannot be tokenized stops here with its place (`on_error=raise`) or is
+    skipped and counted by reason like a malformed row (`skip`)."""
     records = list(records)
     examples = []
     for record in tqdm(records, desc=desc, leave=False, disable=len(records) < 2000):
-        example = tokenize_record(record, tokenizer, max_length, max_prompt_length, report)
+        try:
+            example = tokenize_record(record, tokenizer, max_length, max_prompt_length, report)
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            report.error(e, record.source)
+            continue
         if example is not None:
             examples.append(example)
     report.kept += len(examples)
