@@ -1,11 +1,10 @@
 """Where `dpokit demo` finds its data, so that it runs after a plain `pip install`, away from this repository.
 
 IMDb reviews, in this order: `--imdb` (a local file, or a Hub data set id); the Hub data set `stanfordnlp/imdb` when
-it is reachable (or in the Hub cache, with `HF_HUB_OFFLINE=1`); the shared data folder beside a checkout of this
-repository (`DPOKIT_DATA_DIR`, `../shared/data` from the working directory, or beside the source tree) as a
-fallback. The VADER movie snippets (only used to check the reward against human ratings) come from `--vader` or
-that folder; without them the demo runs and says that check was skipped. When no IMDb source is found, one error
-lists every place tried.
+it is reachable (or in the Hub cache, with `HF_HUB_OFFLINE=1`); the shared data folder (`DPOKIT_DATA_DIR`, then
+`../shared/data` from the working directory) as a fallback. The VADER movie snippets (only used to check the reward
+against human ratings) come from `--vader` or that folder; without them the demo runs and says that check was
+skipped. When no IMDb source is found, one error lists every place tried.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ def shared_folders() -> list[Path]:
     """Candidate shared data folders, most specific first."""
     folders = [Path(os.environ["DPOKIT_DATA_DIR"])] if os.environ.get("DPOKIT_DATA_DIR") else []
     folders.append(Path.cwd().parent / "shared" / "data")
-    folders.append(Path(__file__).resolve().parents[3].parent / "shared" / "data")  # beside a source checkout
     return list(dict.fromkeys(folders))
 
 

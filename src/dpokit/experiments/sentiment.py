@@ -1,7 +1,8 @@
 """The paper's controlled-sentiment experiment (Sec. 6.1) in miniature: `dpokit demo`.
 
 x is a 2–8 token prefix of an IMDb review; the policy should continue it positively. Stages, each cached in the
-output folder so that an interrupted demo resumes where it stopped:
+output folder under a digest of the settings that built it (an interrupted demo resumes where it stopped; a changed
+size or seed rebuilds the stages that read it and those after them):
 
 1. tokenizer   BPE trained on the training reviews (0–3999)
 2. sft         π_SFT: a small Llama trained by dpokit on the training reviews (held-out perplexity reported)
@@ -16,13 +17,11 @@ output folder so that an interrupted demo resumes where it stopped:
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import random
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,55 +31,14 @@ import torch
 from tqdm.auto import tqdm
 
 from dpokit.config import from_dict
-from dpokit.eval.frontier import best_of_n, dominance, evaluate_policy, plot_frontier
+from dpokit.eval.frontier import best_of_n, evaluate_policy
 from dpokit.experiments.demo_data import DemoData, find_demo_data
 from dpokit.experiments.reward import SentimentReward
+from dpokit.experiments.sentiment_report import write_outputs
+from dpokit.experiments.sentiment_setup import QUICK, Design, Method, Sizes, method_recipe, sft_recipe
+from dpokit.experiments.stages import digest, file_digest, run_stage
 from dpokit.generate import sample
 from dpokit.model import init_model, load_model, load_tokenizer, train_tokenizer
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Everything that differs between the default demo and `--quick`."""
-
-    vocab_size: int = 2048
-    hidden_size: int = 128
-    layers: int = 4
-    heads: int = 4
-    review_tokens: int = 64
-    sft_epochs: int = 2
-    sft_lr: float = 3e-3
-    train_prompts: int = 256
-    eval_prompts: int = 100
-    eval_samples: int = 2
-    new_tokens: int = 32
-    betas: tuple[float, ...] = (0.05, 0.1, 0.5, 1.0, 5.0)
-    unlikelihood_alphas: tuple[float, ...] = (0.1, 1.0)
-    best_of: tuple[int, ...] = (1, 2, 4, 8, 16)
-    pref_epochs: int = 1
-    pref_lr: float = 6e-4
-    pref_batch: int = 32
-    checkpoints: int = 5
-
-
-QUICK = Sizes(
-    vocab_size=1024,
-    hidden_size=64,
-    layers=2,
-    heads=2,
-    review_tokens=48,
-    sft_epochs=2,
-    train_prompts=128,
-    eval_prompts=48,
-    eval_samples=2,
-    new_tokens=24,
-    betas=(0.1, 1.0),
-    unlikelihood_alphas=(1.0,),
-    best_of=(1, 2, 4, 8),
-    pref_epochs=2,
-    pref_lr=1e-3,
-    checkpoints=4,
-)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -90,367 +48,309 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def _stage(path: Path, name: str, build: Callable[[], Any]) -> Any:
-    """Run `build` unless its output already exists (what makes an interrupted demo resume)."""
-    if path.exists():
-        print(f"[demo] {name}: cached ({path})")
-        return None
-    started = time.perf_counter()
-    print(f"[demo] {name} ...")
-    result = build()
-    print(f"[demo] {name}: done in {time.perf_counter() - started:.0f}s")
-    return result
-
-
 def _train(raw: dict[str, Any]) -> dict[str, Any]:
     from dpokit.train import train
 
     return train(from_dict(raw), overwrite=True)  # a stage that did not finish starts again
 
 
-class Demo:
-    def __init__(self, out: Path, sizes: Sizes, seeds: tuple[int, ...], data: DemoData) -> None:
-        self.out, self.sizes, self.seeds, self.vader = out, sizes, seeds, data.vader
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"[demo] IMDb reviews from {data.source}")
-        self.reviews = data.reviews
-        self.train_reviews, self.heldout_reviews = self.reviews[:4000], self.reviews[4000:]
+def prefix_prompts(
+    tokenizer: Any, reviews: list[dict[str, Any]], seed: int, lengths: tuple[int, int]
+) -> list[list[int]]:
+    """[BOS] + the first 2–8 (`lengths`) tokens of each review."""
+    rng = random.Random(seed)
+    ids = [tokenizer(r["text"], add_special_tokens=False)["input_ids"] for r in reviews]
+    return [[tokenizer.bos_token_id, *i[: rng.randint(*lengths)]] for i in ids]
 
-    # --- stages -------------------------------------------------------------------------------------------------
-    def build_tokenizer(self) -> None:
-        path = self.out / "tokenizer"
-        _stage(
-            path,
-            "tokenizer",
-            lambda: train_tokenizer((r["text"] for r in self.train_reviews), self.sizes.vocab_size).save_pretrained(
-                path
-            ),
-        )
 
-    def build_sft(self) -> None:
-        s = self.sizes
-        final = self.out / "sft" / "final"
+@dataclass(frozen=True)
+class Judge:
+    """What every policy is measured with: π_SFT (the KL reference), the reward and the held-out prompts."""
 
-        def build() -> None:
-            texts = [r["text"] for r in self.train_reviews]
-            tokenizer = load_tokenizer(str(self.out / "tokenizer"))
-            init_model(
-                texts, self.out / "init", s.vocab_size, s.hidden_size, s.layers, s.heads, seed=0, tokenizer=tokenizer
-            )
-            data = self.out / "data"
-            data.mkdir(exist_ok=True)
-            _write_jsonl(data / "lm_train.jsonl", [{"text": t} for t in texts])
-            _write_jsonl(data / "lm_eval.jsonl", [{"text": r["text"]} for r in self.heldout_reviews[:500]])
-            _train(
-                {
-                    "model": {"path": str(self.out / "init")},
-                    "data": {
-                        "train_path": str(data / "lm_train.jsonl"),
-                        "eval_path": str(data / "lm_eval.jsonl"),
-                        "max_length": s.review_tokens,
-                        "max_prompt_length": 8,
-                    },
-                    "reference": {"mode": "none"},
-                    "loss": {"name": "sft"},
-                    "train": {
-                        "output_dir": str(self.out / "sft"),
-                        "batch_size": 32,
-                        "micro_batch_size": 32,
-                        "epochs": s.sft_epochs,
-                        "lr": s.sft_lr,
-                        "warmup_steps": 20,
-                        "schedule": "cosine",
-                        "seed": 0,
-                    },
-                }
-            )
-
-        _stage(final, "pi_SFT", build)
-
-    def build_reward(self) -> None:
-        path = self.out / "reward.pkl"
-
-        def build() -> None:
-            reward = SentimentReward.fit(
-                [r["text"] for r in self.train_reviews], [r["label"] for r in self.train_reviews]
-            )
-            reward.save(path)
-
-        _stage(path, "reward", build)
-
-    def prompts(self, reviews: list[dict[str, Any]], seed: int) -> list[list[int]]:
-        """[BOS] + the first 2–8 tokens of each review."""
-        rng = random.Random(seed)
-        bos = self.tokenizer.bos_token_id
-        out = []
-        for review in reviews:
-            ids = self.tokenizer(review["text"], add_special_tokens=False)["input_ids"]
-            out.append([bos, *ids[: rng.randint(2, 8)]])
-        return out
-
-    def build_pairs(self) -> None:
-        path = self.out / "data" / "pairs.jsonl"
-
-        def build() -> None:
-            s = self.sizes
-            prompts = self.prompts(self.heldout_reviews[: s.train_prompts], seed=1)
-            samples = sample(self.sft_model, prompts, 4, s.new_tokens, self.tokenizer.eos_token_id, seed=2)
-            texts = [[self.decode(p, c) for c in group] for p, group in zip(prompts, samples, strict=True)]
-            rewards = [self.reward(group) for group in texts]
-            rows, ties = [], 0
-            for prompt, group, r in zip(prompts, samples, rewards, strict=True):
-                prompt_text = self.tokenizer.decode(prompt, skip_special_tokens=True)
-                for i in range(4):
-                    for j in range(i + 1, 4):
-                        if r[i] == r[j] or group[i] == group[j]:
-                            ties += 1
-                            continue
-                        win, lose = (i, j) if r[i] > r[j] else (j, i)
-                        rows.append(
-                            {
-                                "prompt": prompt_text,
-                                "chosen": self.tokenizer.decode(group[win], skip_special_tokens=True),
-                                "rejected": self.tokenizer.decode(group[lose], skip_special_tokens=True),
-                                "reward_chosen": float(r[win]),
-                                "reward_rejected": float(r[lose]),
-                            }
-                        )
-            (self.out / "data" / "pairs_counts.json").write_text(
-                json.dumps(
-                    {"prompts": len(prompts), "samples": 4 * len(prompts), "pairs": len(rows), "ties_dropped": ties}
-                )
-            )
-            _write_jsonl(path, rows)
-
-        _stage(path, "samples and pairs", build)
-
-    # --- helpers ------------------------------------------------------------------------------------------------
-    def load_shared(self) -> None:
-        self.tokenizer = load_tokenizer(str(self.out / "sft" / "final"))
-        self.sft_model = load_model(str(self.out / "sft" / "final")).eval()
-        self.reward = SentimentReward.load(self.out / "reward.pkl")
-        self.eval_prompts = self.prompts(self.heldout_reviews[800 : 800 + self.sizes.eval_prompts], seed=3)
+    tokenizer: Any
+    sft_model: Any
+    reward: SentimentReward
+    prompts: list[list[int]]
+    samples: int
+    new_tokens: int
+    seed: int
 
     def decode(self, prompt: list[int], completion: tuple[int, ...]) -> str:
         return self.tokenizer.decode(list(prompt) + list(completion), skip_special_tokens=True)
 
     def evaluate(self, model: Any, seed: int) -> dict[str, float]:
-        s = self.sizes
         return evaluate_policy(
             model,
             self.sft_model,
             self.tokenizer,
-            self.eval_prompts,
+            self.prompts,
             self.reward,
+            self.samples,
+            self.new_tokens,
+            self.seed + seed,
+        )
+
+
+class Demo:
+    def __init__(
+        self, out: Path, sizes: Sizes, seeds: tuple[int, ...], data: DemoData, design: Design | None = None
+    ) -> None:
+        design = design or Design()
+        if sizes.train_prompts > design.eval_offset:
+            raise ValueError(
+                f"{sizes.train_prompts} pair prompts would run into the held-out prompts (from {design.eval_offset})"
+            )
+        self.out, self.sizes, self.seeds, self.data, self.design = out, sizes, seeds, data, design
+        print(f"[demo] IMDb reviews from {data.source}")
+        reviews = data.reviews
+        self.train_reviews, self.heldout_reviews = reviews[: design.train_reviews], reviews[design.train_reviews :]
+        self.reviews_digest = digest(reviews)  # the reviews themselves, wherever they came from (file or Hub)
+        self.settings = self.stage_settings()
+
+    # --- what each stage is built from ---------------------------------------------------------------------------
+    def stage_settings(self) -> dict[str, dict[str, Any]]:
+        """The settings of each stage, by the name of its record in `stages/`. A stage's cache key is their digest;
+        a stage that reads another holds that one's key, so a change rebuilds everything after it."""
+        s, d = self.sizes, self.design
+        reviews = {"imdb": self.reviews_digest, "train_reviews": d.train_reviews}
+        stages = {"tokenizer": reviews | {"vocab": s.vocab_size}, "reward": reviews | {"seed": d.build_seed}}
+        stages["sft"] = {
+            "tokenizer": digest(stages["tokenizer"]),
+            "model": [s.hidden_size, s.layers, s.heads, d.build_seed],
+            "recipe": sft_recipe(s, d),
+            "perplexity_reviews": d.perplexity_reviews,
+        }
+        after_sft = {"sft": digest(stages["sft"]), "reward": digest(stages["reward"])}
+        stages["pairs"] = after_sft | {
+            "prompts": [s.train_prompts, d.prefix_tokens, d.pair_prompt_seed],
+            "samples": [d.samples_per_prompt, s.new_tokens, d.pair_sample_seed],
+        }
+        judge = after_sft | {
+            "prompts": [d.eval_offset, s.eval_prompts, d.prefix_tokens, d.eval_prompt_seed],
+            "samples": [s.eval_samples, s.new_tokens, d.eval_sample_seed],
+        }
+        vader = self.data.vader and file_digest(self.data.vader)
+        # facts.json records the sizes, so every size is in its key
+        stages["facts"] = reviews | {"vader": vader, "sizes": asdict(s), "pairs": digest(stages["pairs"])}
+        for seed in self.seeds:
+            stages[f"reference-seed{seed}"] = {
+                "judge": digest(judge),
+                "best_of": s.best_of,
+                "seeds": [seed, d.best_of_seed],
+            }
+            for m in self.methods():
+                stages[self.run_name(m, seed)] = {
+                    "pairs": digest(stages["pairs"]),
+                    "judge": digest(judge),
+                    "recipe": method_recipe(s, m, seed),
+                    "checkpoints": s.checkpoints,
+                }
+        return stages
+
+    def methods(self) -> list[Method]:
+        """The trained policies, in the order of the results; PPO (and PPO-GT) take their place here."""
+        s = self.sizes
+        return [
+            *(Method("DPO", f"beta={beta}", {"name": "sigmoid", "beta": beta}) for beta in s.betas),
+            Method("Preferred-FT", "chosen", {"name": "sft"}, reference="none"),
+            *(
+                Method("Unlikelihood", f"alpha={alpha}", {"name": "unlikelihood", "unlikelihood_alpha": alpha})
+                for alpha in s.unlikelihood_alphas
+            ),
+        ]
+
+    # --- stages -------------------------------------------------------------------------------------------------
+    def build_tokenizer(self) -> None:
+        path = self.out / "tokenizer"
+
+        def build() -> None:
+            texts = (r["text"] for r in self.train_reviews)
+            train_tokenizer(texts, self.sizes.vocab_size).save_pretrained(path)
+
+        run_stage(self.out, "tokenizer", "tokenizer", self.settings["tokenizer"], [path], build)
+
+    def build_sft(self) -> None:
+        s, data = self.sizes, self.out / "data"
+        outputs = [self.out / "sft", self.out / "init", data / "lm_train.jsonl", data / "lm_eval.jsonl"]
+
+        def build() -> None:
+            texts = [r["text"] for r in self.train_reviews]
+            tokenizer = load_tokenizer(str(self.out / "tokenizer"))
+            init = self.out / "init"
+            seed = self.design.build_seed
+            init_model(texts, init, s.vocab_size, s.hidden_size, s.layers, s.heads, seed=seed, tokenizer=tokenizer)
+            data.mkdir(exist_ok=True)
+            _write_jsonl(outputs[2], [{"text": t} for t in texts])
+            heldout = self.heldout_reviews[: self.design.perplexity_reviews]
+            _write_jsonl(outputs[3], [{"text": r["text"]} for r in heldout])
+            raw = sft_recipe(self.sizes, self.design)
+            raw["model"] = {"path": str(init)}
+            raw["data"] |= {"train_path": str(outputs[2]), "eval_path": str(outputs[3])}
+            raw["train"]["output_dir"] = str(self.out / "sft")
+            _train(raw)
+
+        run_stage(self.out, "sft", "pi_SFT", self.settings["sft"], outputs, build)
+
+    def build_reward(self) -> None:
+        path = self.out / "reward.pkl"
+
+        def build() -> None:
+            texts, labels = [r["text"] for r in self.train_reviews], [r["label"] for r in self.train_reviews]
+            SentimentReward.fit(texts, labels, seed=self.design.build_seed).save(path)
+
+        run_stage(self.out, "reward", "reward", self.settings["reward"], [path], build)
+
+    def load_judge(self) -> Judge:
+        """Once π_SFT and the reward exist."""
+        s, d, final = self.sizes, self.design, str(self.out / "sft" / "final")
+        tokenizer = load_tokenizer(final)
+        eval_reviews = self.heldout_reviews[d.eval_offset : d.eval_offset + s.eval_prompts]
+        return Judge(
+            tokenizer,
+            load_model(final).eval(),
+            SentimentReward.load(self.out / "reward.pkl"),
+            prefix_prompts(tokenizer, eval_reviews, d.eval_prompt_seed, d.prefix_tokens),
             s.eval_samples,
             s.new_tokens,
-            seed=1000 + seed,
+            d.eval_sample_seed,
         )
 
-    # --- methods ------------------------------------------------------------------------------------------------
-    def run_method(self, method: str, setting: str, seed: int, loss: dict[str, Any], use_sft: bool) -> list[dict]:
-        """Train from π_SFT on the pairs, then evaluate every checkpoint; cached as points.json."""
-        s = self.sizes
-        run = self.out / "runs" / f"{method}-{setting}-seed{seed}".replace(" ", "")
-        points_file = run / "points.json"
-        if points_file.exists():
-            return list(json.loads(points_file.read_text()))
-        pairs = self.out / "data" / "pairs.jsonl"
-        n_pairs = sum(1 for _ in pairs.open())
-        total = s.pref_epochs * (n_pairs // s.pref_batch)
-        # Frontier points at geometrically spaced steps (total, total/2, total/4, ...): early ones fill the low-KL end.
-        every = max(1, total // 2 ** (s.checkpoints - 1))
-        eval_steps = {total} | {every * max(1, total // 2**i // every) for i in range(1, s.checkpoints)}
-        raw = {
-            "model": {"path": str(self.out / "sft" / "final")},
-            "data": {"train_path": str(pairs), "max_length": 16 + s.new_tokens + 4, "max_prompt_length": 16},
-            "reference": {"mode": "none" if use_sft else "copy"},
-            "loss": loss,
-            "train": {
-                "output_dir": str(run),
-                "batch_size": s.pref_batch,
-                "micro_batch_size": s.pref_batch,
-                "epochs": s.pref_epochs,
-                "lr": s.pref_lr,
-                "warmup_steps": 5,
-                "save_every": every,
-                "seed": seed,
-            },
-        }
-        _train(raw)
-        points = []
-        for step in sorted(eval_steps):
-            folder = run / "final" if step == total else run / "checkpoints" / f"step-{step}"
-            metrics = self.evaluate(load_model(str(folder)).eval(), seed)
-            points.append({"method": method, "setting": setting, "step": step, "seed": seed, **metrics})
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the points are what the demo keeps
-        points_file.write_text(json.dumps(points))
-        return points
+    def build_pairs(self, judge: Judge) -> None:
+        data = self.out / "data"
+        outputs = [data / "pairs.jsonl", data / "pairs_counts.json"]
 
-    def methods(self, seed: int) -> list[dict]:
-        s = self.sizes
-        results = []
-        for beta in s.betas:
-            results += self.run_method("DPO", f"beta={beta}", seed, {"name": "sigmoid", "beta": beta}, use_sft=False)
-        results += self.run_method("Preferred-FT", "chosen", seed, {"name": "sft"}, use_sft=True)
-        for alpha in s.unlikelihood_alphas:
-            results += self.run_method(
-                "Unlikelihood",
-                f"alpha={alpha}",
-                seed,
-                {"name": "unlikelihood", "unlikelihood_alpha": alpha},
-                use_sft=False,
+        def build() -> None:
+            s, d, tokenizer = self.sizes, self.design, judge.tokenizer
+            n = d.samples_per_prompt
+            prompts = prefix_prompts(
+                tokenizer, self.heldout_reviews[: s.train_prompts], d.pair_prompt_seed, d.prefix_tokens
             )
-        # PPO (and PPO-GT) take their place here once the PPO issue lands.
-        return results
+            samples = sample(judge.sft_model, prompts, n, s.new_tokens, tokenizer.eos_token_id, d.pair_sample_seed)
+            rows, ties = [], 0
+            for prompt, group in zip(prompts, samples, strict=True):
+                r = judge.reward([judge.decode(prompt, c) for c in group])
+                prompt_text = tokenizer.decode(prompt, skip_special_tokens=True)
+                for i in range(n):
+                    for j in range(i + 1, n):
+                        if r[i] == r[j] or group[i] == group[j]:
+                            ties += 1
+                            continue
+                        win, lose = (i, j) if r[i] > r[j] else (j, i)
+                        chosen, rejected = (tokenizer.decode(group[k], skip_special_tokens=True) for k in (win, lose))
+                        rows.append(
+                            {"prompt": prompt_text, "chosen": chosen, "rejected": rejected}
+                            | {"reward_chosen": float(r[win]), "reward_rejected": float(r[lose])}
+                        )
+            counts = {"prompts": len(prompts), "samples": n * len(prompts), "pairs": len(rows), "ties_dropped": ties}
+            outputs[1].write_text(json.dumps(counts))
+            _write_jsonl(outputs[0], rows)
 
-    def reference_points(self, seed: int) -> list[dict]:
+        run_stage(self.out, "pairs", "samples and pairs", self.settings["pairs"], outputs, build)
+
+    def run_name(self, method: Method, seed: int) -> str:
+        return f"{method.name}-{method.setting}-seed{seed}".replace(" ", "")
+
+    def run_method(self, judge: Judge, method: Method, seed: int) -> list[dict]:
+        """Train from π_SFT on the pairs, then evaluate every checkpoint; the points are kept in points.json."""
+        s, name = self.sizes, self.run_name(method, seed)
+        run = self.out / "runs" / name
+
+        def build() -> None:
+            pairs = self.out / "data" / "pairs.jsonl"
+            total = s.pref_epochs * (sum(1 for _ in pairs.open()) // s.pref_batch)
+            # Frontier points at geometrically spaced steps (total, total/2, total/4, ...): early ones fill the
+            # low-KL end.
+            every = max(1, total // 2 ** (s.checkpoints - 1))
+            eval_steps = {total} | {every * max(1, total // 2**i // every) for i in range(1, s.checkpoints)}
+            raw = method_recipe(self.sizes, method, seed)
+            raw["model"] = {"path": str(self.out / "sft" / "final")}
+            raw["data"]["train_path"] = str(pairs)
+            raw["train"] |= {"output_dir": str(run), "save_every": every}
+            _train(raw)
+            points = []
+            for step in sorted(eval_steps):
+                folder = run / "final" if step == total else run / "checkpoints" / f"step-{step}"
+                metrics = judge.evaluate(load_model(str(folder)).eval(), seed)
+                points.append({"method": method.name, "setting": method.setting, "step": step, "seed": seed, **metrics})
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the points are what the demo keeps
+            (run / "points.json").write_text(json.dumps(points))
+
+        label = f"{method.name} {method.setting} seed {seed}"
+        run_stage(self.out, name, label, self.settings[name], [run], build)
+        return list(json.loads((run / "points.json").read_text()))
+
+    def reference_points(self, judge: Judge, seed: int) -> list[dict]:
         """SFT itself (KL 0) and Best-of-N over reference samples."""
-        cache = self.out / "runs" / f"reference-seed{seed}.json"
-        if cache.exists():
-            return list(json.loads(cache.read_text()))
-        s = self.sizes
-        sft = self.evaluate(self.sft_model, seed)
-        points = [{"method": "SFT", "setting": "pi_SFT", "step": 0, "seed": seed, **sft}]
-        samples = sample(
-            self.sft_model,
-            self.eval_prompts,
-            max(s.best_of),
-            s.new_tokens,
-            self.tokenizer.eos_token_id,
-            seed=2000 + seed,
-        )
-        rewards = torch.tensor(
-            np.stack(
-                [
-                    self.reward([self.decode(p, c) for c in group])
-                    for p, group in zip(self.eval_prompts, samples, strict=True)
-                ]
-            )
-        )
-        points += [
-            {"method": "Best-of-N", "step": 0, "seed": seed, "samples": len(self.eval_prompts), **p}
-            for p in best_of_n(rewards, s.best_of)
-        ]
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(points))
-        return points
+        name = f"reference-seed{seed}"
+        path = self.out / "runs" / f"{name}.json"
+
+        def build() -> None:
+            s, sft = self.sizes, judge.sft_model
+            points = [{"method": "SFT", "setting": "pi_SFT", "step": 0, "seed": seed, **judge.evaluate(sft, seed)}]
+            eos = judge.tokenizer.eos_token_id
+            samples = sample(sft, judge.prompts, max(s.best_of), s.new_tokens, eos, self.design.best_of_seed + seed)
+            groups = zip(judge.prompts, samples, strict=True)
+            rewards = torch.tensor(np.stack([judge.reward([judge.decode(p, c) for c in group]) for p, group in groups]))
+            points += [
+                {"method": "Best-of-N", "step": 0, "seed": seed, "samples": len(judge.prompts), **p}
+                for p in best_of_n(rewards, s.best_of)
+            ]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(points))
+
+        run_stage(self.out, name, f"SFT and Best-of-N seed {seed}", self.settings[name], [path], build)
+        return list(json.loads(path.read_text()))
+
+    def facts(self, judge: Judge) -> dict[str, Any]:
+        """Sizes and qualities of the pieces: π_SFT's size and perplexity, the reward's accuracy and agreement
+        with people."""
+        path = self.out / "facts.json"
+
+        def build() -> None:
+            summary = json.loads((self.out / "sft" / "summary.json").read_text())
+            heldout = self.heldout_reviews
+            pearson = None
+            if self.data.vader is not None:
+                with self.data.vader.open(encoding="utf-8") as f:
+                    vader = [line.rstrip("\r\n").split("\t") for line in f if line.strip()]
+                ratings = np.array([float(r[1]) for r in vader])
+                pearson = float(np.corrcoef(judge.reward([r[2] for r in vader]), ratings)[0, 1])
+            facts = {
+                "sft_parameters": sum(p.numel() for p in judge.sft_model.parameters()),
+                "sft_heldout_perplexity": math.exp(summary["eval"]["eval/loss"]),
+                "reward_heldout_accuracy": judge.reward.accuracy(
+                    [r["text"] for r in heldout], [r["label"] for r in heldout]
+                ),
+                "reward_vader_pearson": pearson,
+                "pairs": json.loads((self.out / "data" / "pairs_counts.json").read_text()),
+                "sizes": asdict(self.sizes),
+            }
+            path.write_text(json.dumps(facts, indent=2))
+
+        run_stage(self.out, "facts", "facts", self.settings["facts"], [path], build)
+        return dict(json.loads(path.read_text()))
 
     # --- the whole demo -----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
         self.build_tokenizer()
         self.build_sft()
         self.build_reward()
-        self.load_shared()
-        self.build_pairs()
+        judge = self.load_judge()
+        self.build_pairs(judge)
         results: list[dict] = []
         for seed in tqdm(self.seeds, desc="seeds"):
-            results += self.reference_points(seed)
-            results += self.methods(seed)
-        facts = self.facts()
-        self.write_outputs(results, facts, time.perf_counter() - started)
+            results += self.reference_points(judge, seed)
+            for method in self.methods():
+                results += self.run_method(judge, method, seed)
+        facts = self.facts(judge)
+        write_outputs(self.out, results, facts, len(self.seeds), time.perf_counter() - started)
         return {"results": results, "facts": facts}
 
-    def facts(self) -> dict[str, Any]:
-        """Sizes and qualities of the pieces: π_SFT's size and perplexity, the reward's accuracy and agreement
-        with people."""
-        cache = self.out / "facts.json"
-        if cache.exists():
-            return dict(json.loads(cache.read_text()))
-        summary = json.loads((self.out / "sft" / "summary.json").read_text())
-        heldout = self.heldout_reviews
-        pearson = None
-        if self.vader is not None:
-            vader = [line.rstrip("\r\n").split("\t") for line in self.vader.open(encoding="utf-8") if line.strip()]
-            ratings = np.array([float(r[1]) for r in vader])
-            pearson = float(np.corrcoef(self.reward([r[2] for r in vader]), ratings)[0, 1])
-        facts = {
-            "sft_parameters": sum(p.numel() for p in self.sft_model.parameters()),
-            "sft_heldout_perplexity": math.exp(summary["eval"]["eval/loss"]),
-            "reward_heldout_accuracy": self.reward.accuracy(
-                [r["text"] for r in heldout], [r["label"] for r in heldout]
-            ),
-            "reward_vader_pearson": pearson,
-            "pairs": json.loads((self.out / "data" / "pairs_counts.json").read_text()),
-            "sizes": asdict(self.sizes),
-        }
-        cache.write_text(json.dumps(facts, indent=2))
-        return facts
 
-    def write_outputs(self, results: list[dict], facts: dict[str, Any], seconds: float) -> None:
-        (self.out / "results.json").write_text(json.dumps(results, indent=2))
-        fields = ["method", "setting", "step", "seed", "reward", "reward_se", "kl", "samples"]
-        with (self.out / "results.csv").open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(results)
-        plot_frontier(
-            results,
-            self.out / "frontier.png",
-            f"IMDb controlled sentiment: reward vs KL ({len(self.seeds)} seed{'s' * (len(self.seeds) > 1)})",
-        )
-        (self.out / "report.md").write_text(report(results, facts, seconds), encoding="utf-8")
-
-
-def report(results: list[dict], facts: dict[str, Any], seconds: float) -> str:
-    verdicts = dominance(results)
-    checked = [v for v in verdicts if v["dominated"] is not None]
-    beaten = [v for v in checked if not v["dominated"]]
-    lines = [
-        "# Controlled sentiment (IMDb): reward/KL frontier",
-        "",
-        "![frontier](frontier.png)",
-        "",
-        f"π_SFT: {facts['sft_parameters']:,} parameters, held-out perplexity {facts['sft_heldout_perplexity']:.1f}. "
-        f"Reward: TF-IDF + logistic regression, held-out accuracy {facts['reward_heldout_accuracy']:.3f}, "
-        + (
-            f"Pearson r = {facts['reward_vader_pearson']:.2f} against the human ratings of the VADER movie snippets. "
-            if facts["reward_vader_pearson"] is not None
-            else "agreement with human ratings not measured (no VADER snippets file; pass --vader). "
-        )
-        + f"Pairs: {facts['pairs']['pairs']} from {facts['pairs']['prompts']} prompts "
-        f"({facts['pairs']['ties_dropped']} ties dropped). Runtime {seconds:.0f}s.",
-        "",
-        "| method | setting | seed | step | reward | KL |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['method']} | {r['setting']} | {r['seed']} | {r['step']} | {r['reward']:.3f} | {r['kl']:.2f} |"
-        )
-    lines += ["", "## What it shows", ""]
-    for seed in sorted({r["seed"] for r in results}):
-        sft = next(r["reward"] for r in results if r["method"] == "SFT" and r["seed"] == seed)
-        dpo01 = [
-            r["reward"] for r in results if r["method"] == "DPO" and r["setting"] == "beta=0.1" and r["seed"] == seed
-        ]
-        best = {
-            m: max((r["reward"] for r in results if r["method"] == m and r["seed"] == seed), default=float("nan"))
-            for m in ("DPO", "Preferred-FT", "Unlikelihood", "Best-of-N")
-        }
-        dpo_text = f"DPO β=0.1 final {dpo01[-1]:.3f} ({dpo01[-1] - sft:+.3f})" if dpo01 else "no DPO β=0.1 run"
-        lines.append(
-            f"- seed {seed}: π_SFT reward {sft:.3f}; {dpo_text}; best reward per method: "
-            + ", ".join(f"{m} {v:.3f}" for m, v in best.items())
-        )
-    noisy = [v for v in beaten if v["within_noise"]]
-    lines.append(
-        f"- Frontier check: at the KL of each of the {len(verdicts)} Preferred-FT, Unlikelihood and SFT points, DPO's "
-        f"best reward at that KL or less is at least the baseline's for {len(checked) - len(beaten)} of "
-        f"{len(checked)} points ({len(verdicts) - len(checked)} lie below every DPO point's KL: not comparable); "
-        f"{len(noisy)} of the other {len(beaten)} are within two standard errors of the baseline's mean reward."
-    )
-    for v in beaten:
-        lines.append(
-            f"  - not dominated: {v['method']} {v['setting']} seed {v['seed']} step {v['step']}: reward "
-            f"{v['reward']:.3f} at KL {v['kl']:.2f}, DPO best {v['dpo_best']:.3f} (gap "
-            f"{v['reward'] - v['dpo_best']:.3f}{', within noise' if v['within_noise'] else ''})"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def run_demo(out: Path, quick: bool, seeds: tuple[int, ...], imdb: str | None = None, vader: str | None = None) -> dict:
+def run_demo(
+    out: Path, quick: bool, seeds: tuple[int, ...], imdb: str | None = None, vader: str | None = None
+) -> dict[str, Any]:
     """The demo, with its data found as `find_demo_data` says (before anything is written)."""
-    data = find_demo_data(imdb, vader)
-    return Demo(out, QUICK if quick else Sizes(), seeds, data).run()
+    return Demo(out, QUICK if quick else Sizes(), seeds, find_demo_data(imdb, vader)).run()

@@ -1,0 +1,82 @@
+"""The sentiment demo's outputs: results.json, results.csv, frontier.png and report.md (the frontier table and what
+it shows), written from the points and facts that `sentiment.Demo` measured."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from dpokit.eval.frontier import dominance, plot_frontier
+
+CSV_FIELDS = ["method", "setting", "step", "seed", "reward", "reward_se", "kl", "samples"]
+
+
+def write_outputs(out: Path, results: list[dict], facts: dict[str, Any], seeds: int, seconds: float) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    with (out / "results.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+    plot_frontier(
+        results, out / "frontier.png", f"IMDb controlled sentiment: reward vs KL ({seeds} seed{'s' * (seeds > 1)})"
+    )
+    (out / "report.md").write_text(report(results, facts, seconds), encoding="utf-8")
+
+
+def report(results: list[dict], facts: dict[str, Any], seconds: float) -> str:
+    verdicts = dominance(results)
+    checked = [v for v in verdicts if v["dominated"] is not None]
+    beaten = [v for v in checked if not v["dominated"]]
+    lines = [
+        "# Controlled sentiment (IMDb): reward/KL frontier",
+        "",
+        "![frontier](frontier.png)",
+        "",
+        f"π_SFT: {facts['sft_parameters']:,} parameters, held-out perplexity {facts['sft_heldout_perplexity']:.1f}. "
+        f"Reward: TF-IDF + logistic regression, held-out accuracy {facts['reward_heldout_accuracy']:.3f}, "
+        + (
+            f"Pearson r = {facts['reward_vader_pearson']:.2f} against the human ratings of the VADER movie snippets. "
+            if facts["reward_vader_pearson"] is not None
+            else "agreement with human ratings not measured (no VADER snippets file; pass --vader). "
+        )
+        + f"Pairs: {facts['pairs']['pairs']} from {facts['pairs']['prompts']} prompts "
+        f"({facts['pairs']['ties_dropped']} ties dropped). Runtime {seconds:.0f}s.",
+        "",
+        "| method | setting | seed | step | reward | KL |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['method']} | {r['setting']} | {r['seed']} | {r['step']} | {r['reward']:.3f} | {r['kl']:.2f} |"
+        )
+    lines += ["", "## What it shows", ""]
+    for seed in sorted({r["seed"] for r in results}):
+        sft = next(r["reward"] for r in results if r["method"] == "SFT" and r["seed"] == seed)
+        dpo01 = [
+            r["reward"] for r in results if r["method"] == "DPO" and r["setting"] == "beta=0.1" and r["seed"] == seed
+        ]
+        best = {
+            m: max((r["reward"] for r in results if r["method"] == m and r["seed"] == seed), default=float("nan"))
+            for m in ("DPO", "Preferred-FT", "Unlikelihood", "Best-of-N")
+        }
+        dpo_text = f"DPO β=0.1 final {dpo01[-1]:.3f} ({dpo01[-1] - sft:+.3f})" if dpo01 else "no DPO β=0.1 run"
+        lines.append(
+            f"- seed {seed}: π_SFT reward {sft:.3f}; {dpo_text}; best reward per method: "
+            + ", ".join(f"{m} {v:.3f}" for m, v in best.items())
+        )
+    noisy = [v for v in beaten if v["within_noise"]]
+    lines.append(
+        f"- Frontier check: at the KL of each of the {len(verdicts)} Preferred-FT, Unlikelihood and SFT points, DPO's "
+        f"best reward at that KL or less is at least the baseline's for {len(checked) - len(beaten)} of "
+        f"{len(checked)} points ({len(verdicts) - len(checked)} lie below every DPO point's KL: not comparable); "
+        f"{len(noisy)} of the other {len(beaten)} are within two standard errors of the baseline's mean reward."
+    )
+    for v in beaten:
+        lines.append(
+            f"  - not dominated: {v['method']} {v['setting']} seed {v['seed']} step {v['step']}: reward "
+            f"{v['reward']:.3f} at KL {v['kl']:.2f}, DPO best {v['dpo_best']:.3f} (gap "
+            f"{v['reward'] - v['dpo_best']:.3f}{', within noise' if v['within_noise'] else ''})"
+        )
+    return "\n".join(lines) + "\n"

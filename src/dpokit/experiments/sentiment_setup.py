@@ -1,0 +1,125 @@
+"""What the sentiment experiment is made of besides its data (`demo_data.py` finds that): its sizes (default and
+`--quick`), its fixed design choices, the methods' shape and the training configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything that differs between the default demo and `--quick`."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    review_tokens: int = 64
+    sft_epochs: int = 2
+    sft_lr: float = 3e-3
+    train_prompts: int = 256
+    eval_prompts: int = 100
+    eval_samples: int = 2
+    new_tokens: int = 32
+    betas: tuple[float, ...] = (0.05, 0.1, 0.5, 1.0, 5.0)
+    unlikelihood_alphas: tuple[float, ...] = (0.1, 1.0)
+    best_of: tuple[int, ...] = (1, 2, 4, 8, 16)
+    pref_epochs: int = 1
+    pref_lr: float = 6e-4
+    pref_batch: int = 32
+    checkpoints: int = 5
+
+
+QUICK = Sizes(
+    vocab_size=1024,
+    hidden_size=64,
+    layers=2,
+    heads=2,
+    review_tokens=48,
+    sft_epochs=2,
+    train_prompts=128,
+    eval_prompts=48,
+    eval_samples=2,
+    new_tokens=24,
+    betas=(0.1, 1.0),
+    unlikelihood_alphas=(1.0,),
+    best_of=(1, 2, 4, 8),
+    pref_epochs=2,
+    pref_lr=1e-3,
+    checkpoints=4,
+)
+
+
+@dataclass(frozen=True)
+class Design:
+    """The experiment's fixed choices, the same for the default demo and `--quick`."""
+
+    train_reviews: int = 4000
+    """Reviews 0–3999 train the tokenizer, π_SFT and the reward; the other 1,000 are held out from all three."""
+    perplexity_reviews: int = 500
+    """π_SFT's held-out perplexity is measured on the first 500 held-out reviews."""
+    eval_offset: int = 800
+    """Held-out prompts start at held-out review 800 (review 4800), after the pair prompts (train_prompts <= 800)."""
+    prefix_tokens: tuple[int, int] = (2, 8)
+    """A prompt is [BOS] + the first 2–8 tokens of a review (the paper's prefixes)."""
+    samples_per_prompt: int = 4
+    """π_SFT samples per pair prompt, all C(4, 2) = 6 pairs ordered by the reward (the paper's 4)."""
+    build_seed: int = 0
+    """π_SFT's initial weights and data order, and the reward classifier."""
+    pair_prompt_seed: int = 1
+    """The prefix lengths of the pair prompts."""
+    pair_sample_seed: int = 2
+    """π_SFT's samples that become the pairs."""
+    eval_prompt_seed: int = 3
+    """The prefix lengths of the held-out prompts."""
+    eval_sample_seed: int = 1000
+    """Plus the training seed: the samples each policy is judged on, a stream apart from the pairs' seeds."""
+    best_of_seed: int = 2000
+    """Plus the training seed: π_SFT's samples for Best-of-N, apart from the evaluation samples."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One trained policy of the frontier: a dpokit loss from π_SFT on the pairs."""
+
+    name: str
+    setting: str
+    loss: dict[str, Any]
+    reference: str = "copy"
+    """`none` for the reference-free baselines."""
+
+
+def sft_recipe(s: Sizes, d: Design) -> dict[str, Any]:
+    """π_SFT's training config, less the paths."""
+    return {
+        "data": {"max_length": s.review_tokens, "max_prompt_length": 8},
+        "reference": {"mode": "none"},
+        "loss": {"name": "sft"},
+        "train": {
+            "batch_size": 32,
+            "micro_batch_size": 32,
+            "epochs": s.sft_epochs,
+            "lr": s.sft_lr,
+            "warmup_steps": 20,
+            "schedule": "cosine",
+            "seed": d.build_seed,
+        },
+    }
+
+
+def method_recipe(s: Sizes, method: Method, seed: int) -> dict[str, Any]:
+    """A method's training config from π_SFT on the pairs, less the paths and the checkpoint spacing."""
+    return {
+        "data": {"max_length": 16 + s.new_tokens + 4, "max_prompt_length": 16},
+        "reference": {"mode": method.reference},
+        "loss": method.loss,
+        "train": {
+            "batch_size": s.pref_batch,
+            "micro_batch_size": s.pref_batch,
+            "epochs": s.pref_epochs,
+            "lr": s.pref_lr,
+            "warmup_steps": 5,
+            "seed": seed,
+        },
+    }
