@@ -29,12 +29,10 @@ from typing import Any, Literal
 from dpokit.data.content import EmptyCompletion, Quirk, blank, check_messages, check_unicode
 from dpokit.data.readers import iter_rows
 from dpokit.data.report import DataError, DataReport
+from dpokit.data.transcripts import Text, as_chat, split_implicit
 from dpokit.hub import HubDataset
 
-Message = dict[str, str]
-Text = str | list[Message]
 Use = Literal["pairs", "ranked", "sft"]
-HH_ASSISTANT = "\n\nAssistant:"
 
 
 @dataclass(frozen=True)
@@ -83,51 +81,6 @@ def _field(
         return value
     kind = "a list of messages" if chat else "a string"
     raise DataError(f"{where}: field '{name}' must be {kind}, got {type(value).__name__}", "wrong_type")
-
-
-def _split_implicit(chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text] | None:
-    """Split two whole transcripts at the last assistant turn; None when their prompts differ."""
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-            raise DataError(
-                f"{where}: implicit-prompt message lists must end with an assistant message", "malformed_transcript"
-            )
-        if chosen[:-1] != rejected[:-1]:
-            return None
-        return chosen[:-1], [chosen[-1]], [rejected[-1]]
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        cut = chosen.rfind(HH_ASSISTANT)
-        if cut < 0:
-            raise DataError(
-                f"{where}: field 'chosen' has no '\\n\\nAssistant:' turn to split the prompt at", "malformed_transcript"
-            )
-        prompt = chosen[: cut + len(HH_ASSISTANT)]
-        if not rejected.startswith(prompt):
-            return None
-        return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
-    raise DataError(f"{where}: fields 'chosen' and 'rejected' must both be strings or both message lists", "wrong_type")
-
-
-def hh_messages(transcript: str) -> list[Message]:
-    """`\n\nHuman: a\n\nAssistant: b` -> [{user: a}, {assistant: b}] (the last turn may be empty)."""
-    messages: list[Message] = []
-    for turn in transcript.split("\n\n"):
-        for marker, role in (("Human:", "user"), ("Assistant:", "assistant")):
-            if turn.startswith(marker):
-                messages.append({"role": role, "content": turn[len(marker) :].strip()})
-                break
-        else:
-            if messages:  # a paragraph break inside a turn
-                messages[-1]["content"] += "\n\n" + turn
-    return messages
-
-
-def _as_chat(prompt: str, completions: tuple[str, ...]) -> tuple[list[Message], tuple[list[Message], ...]]:
-    """An HH prompt and its completions as messages, for rendering with the model's own chat template."""
-    messages = hh_messages(prompt)
-    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-        messages = messages[:-1]
-    return messages, tuple([{"role": "assistant", "content": c.strip()}] for c in completions)
 
 
 def _responses(row: dict[str, Any], where: str) -> tuple[Text, list[Text]]:
@@ -233,7 +186,7 @@ def standard_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
 def implicit_rows(row: dict[str, Any], ctx: RowContext) -> list[Record]:
     chosen = _field(row, "chosen", ctx.where, transcript=True)
     rejected = _field(row, "rejected", ctx.where, chat=isinstance(chosen, list), transcript=True)
-    split = _split_implicit(chosen, rejected, ctx.where)
+    split = split_implicit(chosen, rejected, ctx.where)
     if split is None:
         ctx.report.skip("prompt_mismatch", ctx.where)
         return []
@@ -373,7 +326,7 @@ def row_to_records(
     _check_fields(row, row_format, where, report, text_field)
     records = row_format.to_records(row, RowContext(use, where, report, text_field))
     if chat:
-        records = [Record(*_as_chat(r.prompt, r.completions), r.source) if not r.is_chat else r for r in records]  # type: ignore[arg-type]
+        records = [Record(*as_chat(r.prompt, r.completions), r.source) if not r.is_chat else r for r in records]  # type: ignore[arg-type]
     return records
 
 

@@ -22,9 +22,10 @@ from typing import Any, Literal, Protocol
 import torch
 
 from dpokit.config import DataConfig, load_config
-from dpokit.data.formats import Record, Text, hh_messages
+from dpokit.data.formats import Record
 from dpokit.data.report import DataReport
 from dpokit.data.tokenize import TokenizedExample, tokenize_record
+from dpokit.data.transcripts import Text, hh_messages
 from dpokit.errors import UserError
 from dpokit.eval.templates import TEMPLATES, Template, prompt_text
 from dpokit.generate import left_pad

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from dpokit.data.formats import Text, hh_messages
+from dpokit.data.transcripts import Text, hh_messages
 
 Choice = Literal["A", "B"]
 
