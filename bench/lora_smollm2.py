@@ -3,12 +3,13 @@ with its chat template, on CPU. One invocation measures everything issue 10 asks
 
     python bench/lora_smollm2.py                  # both parts, about 30 minutes on 2 idle cores
     python bench/lora_smollm2.py --part compare   # only the memory / step-time comparison
+    python bench/lora_smollm2.py --part check     # the adapter checks again, on the accept run left in --work
 
 accept   LoRA (r=16, alpha=32, all-linear) DPO over 4 epochs of 32 single-turn HH pairs (helpful-base; prompts
          cut to 64 tokens, pairs to 128): the first loss against ln 2; train reward accuracy over the first and the
          last epoch; then, with the trained adapter, the reference log-probs (adapters disabled) against the base
          model's (exact equality), and the merged export (`dpokit export --merge`) against the adapter model (fp32,
-         max abs difference of per-sequence log-probs).
+         max abs difference of per-sequence log-probs, and relative to the adapter model's).
 compare  full DPO (a reference copy, AdamW state for every weight) and LoRA DPO on the same 8-pair steps
          (micro-batches of 2 in both parts, so that activations do not swamp the difference in state), each in a
          single-threaded process of its own (peak RSS is per process), alternated twice; step time is the median
@@ -94,11 +95,6 @@ def run_accept(work: Path) -> dict:
     import torch
 
     from dpokit import load_config, train
-    from dpokit.data.batching import batches_in_order, collate_for
-    from dpokit.data.prepare import prepare_data
-    from dpokit.logprobs import batch_logps
-    from dpokit.lora import adapter_off_reference
-    from dpokit.model import load_model, load_tokenizer
 
     torch.set_num_threads(1)  # see one_system
     model, data = prepare(work, PAIRS)
@@ -113,28 +109,7 @@ def run_accept(work: Path) -> dict:
     per_epoch = len(rows) // EPOCHS
     first, last = rows[:per_epoch], rows[-per_epoch:]
 
-    # The trained adapter, loaded as PEFT loads it; the base model; the merged export.
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     subprocess.run([sys.executable, "-m", "dpokit", "export", str(out), str(work / "merged"), "--merge"], check=True)
-    tokenizer = load_tokenizer(str(model))
-    prepared = prepare_data(config.data, tokenizer, "pairs")
-    make_batch = collate_for(config, load_model(str(model)), tokenizer.pad_token_id)
-    batches = batches_in_order(prepared.train[:32], 8, make_batch)
-    base = load_model(str(model)).eval()
-    adapted = PeftModel.from_pretrained(load_model(str(model)), out / "final").eval()
-    merged = AutoModelForCausalLM.from_pretrained(work / "merged", dtype=torch.float32).eval()
-    reference = adapter_off_reference(adapted, config.train.logits_chunk)
-    exact, merge_diff, moved = True, 0.0, 0.0
-    with torch.no_grad():
-        for batch in batches:
-            base_logps = batch_logps(base, batch, config.train.logits_chunk).logps
-            adapter_logps = batch_logps(adapted, batch, config.train.logits_chunk).logps
-            exact &= bool(torch.equal(reference(batch, "train"), base_logps))
-            merged_logps = batch_logps(merged, batch, config.train.logits_chunk).logps
-            merge_diff = max(merge_diff, float((merged_logps - adapter_logps).abs().max()))
-            moved = max(moved, float((adapter_logps - base_logps).abs().max()))
     return {
         "pairs": PAIRS,
         "epochs": EPOCHS,
@@ -147,9 +122,50 @@ def run_accept(work: Path) -> dict:
         "loss_first_epoch": statistics.mean(r["loss"] for r in first),
         "loss_last_epoch": statistics.mean(r["loss"] for r in last),
         "per_step": [{k: r[k] for k in ("step", "loss", "rewards/accuracies", "rewards/margins")} for r in rows],
+    } | check_adapter(work, model, out)
+
+
+def check_adapter(work: Path, model: Path, out: Path) -> dict:
+    """The trained adapter of the accept run (loaded as PEFT loads it) against the base model and the merged export
+    (`work/merged`): the adapters-off reference must equal the base exactly; the merged model's per-sequence
+    log-probs are compared with the adapter model's, absolute and relative to the adapter model's own."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dpokit import load_config
+    from dpokit.data.batching import batches_in_order, collate_for
+    from dpokit.data.prepare import prepare_data
+    from dpokit.logprobs import batch_logps
+    from dpokit.lora import adapter_off_reference
+    from dpokit.model import load_model, load_tokenizer
+
+    config = load_config(out / "config.yaml")
+    tokenizer = load_tokenizer(str(model))
+    prepared = prepare_data(config.data, tokenizer, "pairs")
+    make_batch = collate_for(config, load_model(str(model)), tokenizer.pad_token_id)
+    batches = batches_in_order(prepared.train[:PAIRS], 8, make_batch)
+    base = load_model(str(model)).eval()
+    adapted = PeftModel.from_pretrained(load_model(str(model)), out / "final").eval()
+    merged = AutoModelForCausalLM.from_pretrained(work / "merged", dtype=torch.float32).eval()
+    reference = adapter_off_reference(adapted, config.train.logits_chunk)
+    exact, merge_abs, merge_rel, moved, smallest = True, 0.0, 0.0, 0.0, math.inf
+    with torch.no_grad():
+        for batch in batches:
+            base_logps = batch_logps(base, batch, config.train.logits_chunk).logps
+            adapter_logps = batch_logps(adapted, batch, config.train.logits_chunk).logps
+            exact &= bool(torch.equal(reference(batch, "train"), base_logps))
+            diff = (batch_logps(merged, batch, config.train.logits_chunk).logps - adapter_logps).abs()
+            merge_abs = max(merge_abs, float(diff.max()))
+            merge_rel = max(merge_rel, float((diff / adapter_logps.abs()).max()))
+            moved = max(moved, float((adapter_logps - base_logps).abs().max()))
+            smallest = min(smallest, float(adapter_logps.abs().min()))
+    return {
         "reference_equals_base_exactly": exact,
         "reference_checked_pairs": sum(b.num_examples for b in batches),
-        "merged_vs_adapter_max_abs_logp_diff": merge_diff,
+        "merged_vs_adapter_max_abs_logp_diff": merge_abs,
+        "merged_vs_adapter_max_rel_logp_diff": merge_rel,
+        "adapter_smallest_abs_logp": smallest,
         "adapter_vs_base_max_abs_logp_diff": moved,
     }
 
@@ -240,7 +256,7 @@ def run_compare(work: Path, steps: int, repeats: int, ac: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["all", "accept", "compare"], default="all")
+    parser.add_argument("--part", choices=["all", "accept", "check", "compare"], default="all")
     parser.add_argument("--work", default="/tmp/dpokit-bench-lora", help="scratch folder (model copy, runs)")
     parser.add_argument("--steps", type=int, default=5, help="compare: optimizer steps per run (8 pairs each)")
     parser.add_argument("--repeats", type=int, default=2, help="compare: runs of each system, alternated")
@@ -268,6 +284,10 @@ def main() -> None:
     }
     if args.part in ("all", "accept"):
         write_part("accept", run_accept(work) | {"command": command}, facts)
+    if args.part == "check":  # the adapter checks again, on the accept run a previous invocation left in --work
+        results = json.loads(RESULT.read_text())
+        accept = results["accept"] | check_adapter(work, work / "smollm2", work / "accept")
+        write_part("accept", accept | {"check_command": command}, facts)
     if args.part in ("all", "compare"):
         part = run_compare(work, args.steps, args.repeats, args.ac) | {"command": command}
         write_part("compare_ac" if args.ac else "compare", part, facts)
@@ -288,6 +308,11 @@ def print_table(results: dict) -> None:
             f"{a['accuracy_first_epoch']:.3f} (epoch 1) -> {a['accuracy_last_epoch']:.3f} (epoch {a['epochs']}); "
             f"reference = base exactly: {a['reference_equals_base_exactly']}; merged vs adapter max |Δ logp| "
             f"{a['merged_vs_adapter_max_abs_logp_diff']:.2e}"
+            + (
+                f" ({a['merged_vs_adapter_max_rel_logp_diff']:.1e} relative)"
+                if "merged_vs_adapter_max_rel_logp_diff" in a
+                else ""
+            )
         )
     for name in ("compare", "compare_ac"):
         if name not in results:
