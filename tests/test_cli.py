@@ -39,7 +39,9 @@ def test_help_lists_the_commands(capsys) -> None:
     for command in COMMANDS:
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
-        assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: dpokit {command} ")
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0 and out.startswith(f"usage: dpokit {command} ")
+        assert "--debug" in out, f"dpokit {command} has no --debug"
 
 
 def _one_line(text: str) -> str:

@@ -252,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     from dpokit.eval import commands as eval_commands
 
-    eval_commands.add_parsers(sub)
+    eval_commands.add_parsers(sub, debug)
     return parser
 
 

@@ -20,10 +20,12 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_parsers(sub: Any) -> None:
+def add_parsers(sub: Any, debug: argparse.ArgumentParser) -> None:
+    """The evaluation commands; `debug` is the parent parser that gives each its --debug flag."""
     p = sub.add_parser(
         "generate",
         help="sample completions for the prompts of a data file (rendered as training renders them) to JSON lines",
+        parents=[debug],
     )
     p.add_argument("data", help="data file whose prompts to complete (any dpokit format)")
     p.add_argument("--model", required=True, help="model folder or .gguf file")
@@ -37,7 +39,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--limit", type=int, help="only the first N prompts")
     _data_flags(p)
 
-    p = sub.add_parser("winrate", help="win rate of samples against a baseline under a judge, with a bootstrap CI")
+    p = sub.add_parser(
+        "winrate", help="win rate of samples against a baseline under a judge, with a bootstrap CI", parents=[debug]
+    )
     p.add_argument("candidates", help="samples from `dpokit generate`")
     p.add_argument("--judge", required=True, help="rm:PATH, implicit:POLICY,REF, hf:PATH or openai:MODEL")
     p.add_argument("--baseline", default="chosen", help="another samples file, or `chosen` (the data's responses)")
@@ -57,7 +61,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--cache", help="openai judge: verdict cache file (default OUT/verdict_cache.jsonl)")
     _data_flags(p)
 
-    p = sub.add_parser("experiment", help="the paper's experiments as one command: hh (single-turn dialogue)")
+    p = sub.add_parser(
+        "experiment", help="the paper's experiments as one command: hh (single-turn dialogue)", parents=[debug]
+    )
     p.add_argument("name", choices=["hh"], help="hh: Preferred-FT and DPO on Anthropic HH, judged by a reward model")
     p.add_argument("--quick", action="store_true", help="a tiny version for CI (well under a minute of training)")
     p.add_argument("--out", help="output folder (default runs/hh or runs/hh-quick); stages are cached there")
