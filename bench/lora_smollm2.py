@@ -4,6 +4,7 @@ with its chat template, on CPU. One invocation measures everything issue 10 asks
     python bench/lora_smollm2.py                  # both parts, about 30 minutes on 2 idle cores
     python bench/lora_smollm2.py --part compare   # only the memory / step-time comparison
     python bench/lora_smollm2.py --part check     # the adapter checks again, on the accept run left in --work
+    python bench/lora_smollm2.py --part compare --micro 1   # the comparison at micro-batches of 1
 
 accept   LoRA (r=16, alpha=32, all-linear) DPO over 4 epochs of 32 single-turn HH pairs (helpful-base; prompts
          cut to 64 tokens, pairs to 128): the first loss against ln 2; train reward accuracy over the first and the
@@ -75,7 +76,7 @@ def prepare(work: Path, pairs: int) -> tuple[Path, Path]:
     return model, data
 
 
-def overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+def overrides(model: Path, data: Path, out: Path, *extra: str, micro: int = 2) -> list[str]:
     return [
         f"model.path={model}",
         f"data.train_path={data}",
@@ -84,7 +85,7 @@ def overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "data.max_prompt_length=64",
         f"train.output_dir={out}",
         "train.batch_size=8",
-        "train.micro_batch_size=2",
+        f"train.micro_batch_size={micro}",
         "train.report_to=[]",
         "loss.beta=0.1",
         *extra,
@@ -194,7 +195,7 @@ def one_system(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if args.ac:
         extra.append("train.activation_checkpointing=true")
-    config = load_config(None, overrides(model, data, out, *extra, f"train.max_steps={args.steps}"))
+    config = load_config(None, overrides(model, data, out, *extra, f"train.max_steps={args.steps}", micro=args.micro))
     marks: list[float] = []
     stop = threading.Event()
     watcher = threading.Thread(target=cpu_seconds_per_step, args=(out / "metrics.jsonl", stop, marks), daemon=True)
@@ -211,12 +212,13 @@ def one_system(args: argparse.Namespace) -> None:
     Path(args.result).write_text(json.dumps(result))
 
 
-def run_compare(work: Path, steps: int, repeats: int, ac: bool) -> dict:
+def run_compare(work: Path, steps: int, repeats: int, ac: bool, micro: int) -> dict:
     model, data = prepare(work, 8 * steps)
     runs: dict[str, list[dict]] = {"full": [], "lora": []}
     for i in range(repeats):
         for system in ("full", "lora") if i % 2 == 0 else ("lora", "full"):
-            result = work / f"{system}{'-ac' * ac}-{i}.json"
+            name = f"{system}{'-ac' * ac}{f'-micro{micro}' * (micro != 2)}-{i}"
+            result = work / f"{name}.json"
             command = [
                 sys.executable,
                 __file__,
@@ -227,14 +229,16 @@ def run_compare(work: Path, steps: int, repeats: int, ac: bool) -> dict:
                 "--data",
                 str(data),
                 "--out",
-                str(work / f"{system}{'-ac' * ac}-{i}"),
+                str(work / name),
                 "--steps",
                 str(steps),
                 "--result",
                 str(result),
                 *(["--ac"] if ac else []),
+                "--micro",
+                str(micro),
             ]
-            shutil.rmtree(work / f"{system}{'-ac' * ac}-{i}", ignore_errors=True)  # a fresh run folder each time
+            shutil.rmtree(work / name, ignore_errors=True)  # a fresh run folder each time
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             runs[system].append(json.loads(result.read_text()))
             print(f"  {system} #{i}: {runs[system][-1]}", flush=True)
@@ -263,6 +267,12 @@ def main() -> None:
     parser.add_argument(
         "--ac", action="store_true", help="compare: both systems with train.activation_checkpointing (part compare_ac)"
     )
+    parser.add_argument(
+        "--micro",
+        type=int,
+        default=2,
+        help="compare: micro-batch size of both (part compare_micro<N> if not 2)",
+    )
     parser.add_argument("--one", choices=["full", "lora"], help=argparse.SUPPRESS)  # a child process's system
     for name in ("--model", "--data", "--out", "--result"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -289,9 +299,13 @@ def main() -> None:
         accept = results["accept"] | check_adapter(work, work / "smollm2", work / "accept")
         write_part("accept", accept | {"check_command": command}, facts)
     if args.part in ("all", "compare"):
-        part = run_compare(work, args.steps, args.repeats, args.ac) | {"command": command}
-        write_part("compare_ac" if args.ac else "compare", part, facts)
+        part = run_compare(work, args.steps, args.repeats, args.ac, args.micro) | {"command": command}
+        write_part(compare_part(args.ac, args.micro), part, facts)
     print_table(json.loads(RESULT.read_text()))
+
+
+def compare_part(ac: bool, micro: int) -> str:
+    return "compare" + "_ac" * ac + (f"_micro{micro}" if micro != 2 else "")
 
 
 def write_part(name: str, part: dict, facts: dict) -> None:
@@ -314,9 +328,7 @@ def print_table(results: dict) -> None:
                 else ""
             )
         )
-    for name in ("compare", "compare_ac"):
-        if name not in results:
-            continue
+    for name in sorted(k for k in results if k.startswith("compare")):
         c = results[name]
         print(name)
         print(f"{'system':<8}{'step s (median)':>18}{'step CPU s (median)':>22}{'peak RSS GiB':>15}")
