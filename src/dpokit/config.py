@@ -1,8 +1,8 @@
 """The one config schema: frozen dataclasses. YAML files are instances of `RunConfig`.
 
-A YAML file maps section names (`model`, `data`, `reference`, `loss`, `train`) to fields. Command-line overrides
-are `section.field=value` with the value parsed as YAML. Unknown keys and wrong types are errors that name the
-key and suggest the nearest valid one.
+A YAML file maps section names (`model`, `data`, `reference`, `loss`, `train`, `distributed`) to fields.
+Command-line overrides are `section.field=value` with the value parsed as YAML. Unknown keys and wrong types are
+errors that name the key and suggest the nearest valid one.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ WeightDtype = Literal["fp32", "bf16"]
 T = TypeVar("T")
 TrackerName = Literal["tensorboard", "wandb", "trackio"]
 Head = Literal["lm", "score"]
+Switch = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -295,12 +296,35 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Several processes (`torchrun --nproc_per_node N -m dpokit ...`): each takes a share of every batch."""
+
+    fsdp: Switch = "auto"
+    """Shard the policy and the reference with FSDP2 (each decoder layer, then the whole model): auto = when
+    launched with several processes (or with cpu_offload); on = also in one process; off = never (one process)."""
+    cpu_offload: bool = False
+    """With FSDP on a GPU: parameters, gradients and optimizer state stay in CPU memory and the optimizer steps
+    there; each layer's weights visit the GPU for its forward and backward. Fits much larger models, slower."""
+    reduce_dtype: WeightDtype = "fp32"
+    """With FSDP and bf16 compute (train.precision): the dtype gradients are averaged across processes in. fp32
+    keeps the single-process result; bf16 halves the traffic."""
+    timeout_s: int = 1800
+    """Seconds a collective waits for the other processes before the run fails (a process that died, or hangs)."""
+
+    def __post_init__(self) -> None:
+        check_fields("distributed", self)
+        if self.cpu_offload and self.fsdp == "off":
+            raise ConfigError("distributed.cpu_offload is FSDP's: set distributed.fsdp=auto or on, or drop it")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         name, mode = self.loss.name, self.reference.mode

@@ -89,6 +89,7 @@ BOUNDS: dict[str, Bounds] = {
     "train.pack_length": Bounds(0, hint="0 fits each micro-batch"),
     "train.logits_chunk": AT_LEAST_ONE,
     "train.compile_memory_budget": Bounds(0, 1, open_low=True),
+    "distributed.timeout_s": Bounds(1, INT_LIMIT),
 }
 """Every int and float field of the schema, by `section.field` (a test checks that none is missing)."""
 
@@ -216,6 +217,8 @@ def suggest(key: str, options: typing.Iterable[str]) -> str:
 def coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted for floats."""
     origin = typing.get_origin(tp)
+    if origin is Literal and isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(tp)):
+        value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
     if origin is Literal:
         if value not in typing.get_args(tp):
             choices = ", ".join(map(str, typing.get_args(tp)))

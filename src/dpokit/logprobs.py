@@ -6,7 +6,7 @@ computed in fp32 whatever the model's dtype. Chosen and rejected (all K completi
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -113,3 +113,26 @@ def batch_logps(model: torch.nn.Module, batch: Batch | PackedBatch, chunk: int =
     if isinstance(batch, PackedBatch):
         return packed_sequence_logps(model, batch, chunk)
     return sequence_logps(model, batch)
+
+
+class LogpsModel(torch.nn.Module):
+    """A causal LM as one module whose forward is batch -> SequenceLogps, in either layout.
+
+    Every forward of the policy and the reference goes through this module's `__call__`. That is what a wrapper
+    such as FSDP2 needs: this module is its root, so its pre-forward gathers the parameters no decoder layer owns
+    (embedding, final norm, LM head) before the packed path runs the decoder and reads the head's weight, and its
+    post-forward / post-backward hooks free and reduce them. Called from outside, the head's weight is a shard.
+    """
+
+    lm: Any
+    """The Hugging Face causal LM (its state-dict keys are this module's, less the `lm.` prefix)."""
+
+    def __init__(self, lm: torch.nn.Module, chunk: int = 1024) -> None:
+        super().__init__()
+        self.lm = lm
+        self.chunk = chunk
+        """Completion tokens per LM-head chunk in the packed layout."""
+
+    def forward(self, batch: Batch | PackedBatch) -> SequenceLogps:
+        # Fresh tensors, not views: FSDP hooks the outputs for backward, and an in-place op on a view would lose it.
+        return SequenceLogps(*(t.clone() for t in batch_logps(self.lm, batch, self.chunk)))
