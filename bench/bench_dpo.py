@@ -104,8 +104,9 @@ def check_system(name: str) -> str:
 H200_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s, NVIDIA's H200 datasheet
 
 
-def make_workload(folder: Path, p: dict, n_pairs: int, seed: int) -> tuple[Path, Path]:
-    """A word-level tokenizer + random Llama in `folder/model`, and `n_pairs` pairs in `folder/pairs.jsonl`."""
+def make_workload(folder: Path, p: dict, n_pairs: int, seed: int, init_device: str = "cpu") -> tuple[Path, Path]:
+    """A word-level tokenizer + random Llama in `folder/model`, and `n_pairs` pairs in `folder/pairs.jsonl`.
+    `init_device`: where the random weights are drawn (a GPU draws an 8B model in a second, a CPU in minutes)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -129,7 +130,10 @@ def make_workload(folder: Path, p: dict, n_pairs: int, seed: int) -> tuple[Path,
     )
     torch.manual_seed(seed)
     dtype = torch.bfloat16 if p["dtype"] == "bf16" else torch.float32
-    LlamaForCausalLM(config).to(dtype).save_pretrained(folder / "model", safe_serialization=True)
+    with torch.device(init_device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(folder / "model", safe_serialization=True)
+    del model
     tokenizer.save_pretrained(folder / "model")
     data = folder / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(p, n_pairs, seed)))

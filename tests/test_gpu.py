@@ -98,3 +98,47 @@ def _compare_flex_with_padded(n: int, short: bool, empty_last: bool) -> None:
     print(f"largest relative error: {max(errors.values()):.2e} ({max(errors, key=errors.get)})")
     assert torch.equal(out.lengths, ref_out.lengths) and grads.keys() == ref_grads.keys()
     assert max(errors.values()) <= 1e-4, errors
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_fsdp2_flex_training_matches_the_unwrapped_step(offload: bool) -> None:
+    """FSDP2 at world size 1 on the GPU (a process group of one): FlexAttention training through the wrapped
+    `LogpsModel` gives the unwrapped model's log-probs, gradients and AdamW update, also with parameters, gradients
+    and optimizer state offloaded to CPU memory (fp32, TF32 off)."""
+    from dpokit import distributed
+    from dpokit.config import DistributedConfig
+    from dpokit.logprobs import LogpsModel
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    examples = _examples(random.Random(3), 7, vocab=512, longest=(150, 200))
+    packed = pack(examples, range(7), pad_id=0, capacity=2**62, multiple_of=FLEX_BLOCK).to(DEVICE)
+
+    def step(model: LogpsModel) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+        out = model(packed)
+        loss = sigmoid_loss(
+            out.logps[:, 0], out.logps[:, 1], out.logps[:, 0].detach() + 0.1, out.logps[:, 1].detach(), beta=0.5
+        )
+        loss.losses.mean().backward()
+        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+        grads = {n: full(p.grad).detach().float().cpu() for n, p in model.named_parameters()}
+        optimizer.step()
+        weights = {n: full(p).detach().float().cpu() for n, p in model.named_parameters()}
+        return out.logps.detach().cpu(), grads, weights
+
+    plain_logps, plain_grads, plain_weights = step(LogpsModel(_model("flex_attention"), chunk=64))
+    with distributed.process_group(torch.device(DEVICE), 120, single=True):
+        model = LogpsModel(_model("flex_attention").cpu() if offload else _model("flex_attention"), chunk=64)
+        settings = DistributedConfig(fsdp="on", cpu_offload=offload)
+        distributed.place(model, torch.device(DEVICE), settings, frozen=False, bf16=False)
+        logps, grads, weights = step(model)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+
+    errors = {"logps": rel(logps, plain_logps)}
+    errors |= {f"grad {n}": rel(grads[n], plain_grads[n]) for n in plain_grads}
+    errors |= {f"weight {n}": rel(weights[n], plain_weights[n]) for n in plain_weights}
+    print(f"offload={offload}: largest relative error {max(errors.values()):.2e} ({max(errors, key=errors.get)})")
+    assert grads.keys() == plain_grads.keys() and max(errors.values()) <= 1e-4, errors
