@@ -12,6 +12,7 @@ from dpokit import distributed
 from dpokit.config import ConfigError, DistributedConfig, load_config
 from dpokit.data.collate import collate
 from dpokit.data.pack import pack
+from dpokit.device import pick_device
 from dpokit.errors import UserError
 from dpokit.logprobs import LogpsModel
 from dpokit.losses import sigmoid_loss
@@ -65,7 +66,7 @@ def test_when_fsdp_applies(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match="torchrun started 2"):
         distributed.use_fsdp(DistributedConfig(fsdp="off"), cpu)
     with pytest.raises(UserError, match="every process on one GPU"):
-        distributed.pick_device("cuda:1")
+        pick_device("cuda:1")
 
 
 def test_distributed_settings_are_validated() -> None:
@@ -126,3 +127,29 @@ def test_packed_equals_padded_under_fsdp2(tiny_model: Path, checkpointing: bool)
         assert _close(fast_grads[name], ref_grads[name]), name
     # And the sharded model computes what the plain one does.
     assert _close(ref.logps, plain(padded).logps)
+
+
+def test_training_under_fsdp2_in_one_process_is_training_without_it(tiny_model: Path, hh_file: Path, tmp_path: Path):
+    """distributed.fsdp=on in one process (a process group of one): the same losses and final weights as no wrapping,
+    its DCP checkpoint exports to the same weights, and `dpokit export` refuses a folder that holds no model."""
+    from safetensors.torch import load_file
+
+    from dpokit.cli import main
+    from dpokit.train import train
+    from tests.conftest import read_metrics, tiny_run
+
+    for name, fsdp in (("plain", "off"), ("fsdp", "on")):
+        overrides = [*tiny_run(tiny_model, hh_file, tmp_path / name), "train.micro_batch_size=4", "train.max_steps=3"]
+        train(load_config(None, [*overrides, "train.save_every=2", f"distributed.fsdp={fsdp}"]))
+    assert not distributed.is_initialized()  # the group of one ended with the run
+    plain, fsdp = (read_metrics(tmp_path / n) for n in ("plain", "fsdp"))
+    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
+    a, b = (load_file(str(tmp_path / n / "final" / "model.safetensors")) for n in ("plain", "fsdp"))
+    assert a.keys() == b.keys() and all(_close(b[k], a[k]) for k in a)
+    for name in ("plain", "fsdp"):
+        assert main(["export", str(tmp_path / name / "checkpoints" / "step-2"), str(tmp_path / f"{name}-2")]) == 0
+    c, d = (load_file(str(tmp_path / f"{n}-2" / "model.safetensors")) for n in ("plain", "fsdp"))
+    assert c.keys() == d.keys() == a.keys() and all(_close(d[k], c[k]) for k in c)
+    assert not all(torch.equal(c[k], a[k]) for k in a)  # step 2's weights, not the final ones
+    assert main(["export", str(tmp_path / "fsdp" / "checkpoints"), str(tmp_path / "nothing")]) == 2
+    assert not (tmp_path / "nothing").exists()

@@ -214,20 +214,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model: Path, hh_file:
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tiny_model, hh_file, tmp_path, monkeypatch) -> None:
     out = tmp_path / "run"
-    real_save = torch.save
+    real_save = checkpoint_module.distributed.save_sharded
     calls = {"n": 0}
 
-    def dying_save(obj, path, *args, **kwargs):
+    def dying_save(folder, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # the second checkpoint dies after its weights were written
+        real_save(folder, *args, **kwargs)
+        if calls["n"] == 2:  # the second checkpoint dies after its weights and optimizer state were written
             raise KeyboardInterrupt("killed while saving")
-        return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", dying_save)
+    monkeypatch.setattr(checkpoint_module.distributed, "save_sharded", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train(_config(tiny_model, hh_file, out, "train.max_steps=6", "train.save_every=2"))
-    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
-    assert (out / "checkpoints" / "step-4.tmp" / "model.safetensors").exists()
+    monkeypatch.setattr(checkpoint_module.distributed, "save_sharded", real_save)
+    assert (out / "checkpoints" / "step-4.tmp" / "sharded" / ".metadata").exists()
     assert checkpoint_module.latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step-2"
     train(_config(tiny_model, hh_file, out, "train.max_steps=6", "train.save_every=2"), resume=True)
     train(_config(tiny_model, hh_file, tmp_path / "full", "train.max_steps=6", "train.save_every=2"))
@@ -235,20 +235,22 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tiny_model, hh_file
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_model, hh_file, tmp_path, monkeypatch) -> None:
-    train_module = importlib.import_module("dpokit.train")  # `dpokit.train` itself is the function
+    import dpokit.logprobs as logprobs_module
 
-    real = train_module.batch_logps
+    real = logprobs_module.batch_logps
     calls = {"n": 0}
 
     def poisoned(model, batch, chunk):
         out = real(model, batch, chunk)
+        if not torch.is_grad_enabled():
+            return out  # the reference's forward
         calls["n"] += 1
         # Two policy forwards per step (2 micro-batches): poison steps 2 and 4.
         if calls["n"] in (3, 7):
             out = out._replace(logps=out.logps * float("nan"))
         return out
 
-    monkeypatch.setattr(train_module, "batch_logps", poisoned)
+    monkeypatch.setattr(logprobs_module, "batch_logps", poisoned)
     out = tmp_path / "run"
     train(_config(tiny_model, hh_file, out, "train.max_steps=3", "train.max_nonfinite_steps=1"))
     rows = [m for m in _metrics(out) if "loss" in m]
@@ -268,7 +270,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_model, hh_file, tmp_path, m
     # The count is part of the checkpoint: a resumed run goes on counting from it.
     state = torch.load(tmp_path / "stop" / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=False)
     assert state["skipped_steps"] == 1
-    monkeypatch.setattr(train_module, "batch_logps", real)
+    monkeypatch.setattr(logprobs_module, "batch_logps", real)
     resumed = _config(tiny_model, hh_file, tmp_path / "stop", "train.max_steps=4", "train.max_nonfinite_steps=1")
     train(resumed, resume=True)
     assert [m["skipped_steps"] for m in _metrics(tmp_path / "stop") if "loss" in m][-2:] == [1, 1]

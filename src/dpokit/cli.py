@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from dpokit import distributed
 from dpokit.config import (
     ConfigError,
     DataConfig,
@@ -271,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stage = "a run that had started keeps its last checkpoint (continue with --resume)"
         print(f"dpokit {args.command}: interrupted (SIGINT); {stage}", file=sys.stderr)
         return 128 + signal.SIGINT
+    finally:
+        distributed.shutdown()  # under torchrun: the group ends with the command, however it ends
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -284,7 +287,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "precompute-ref":
             from dpokit.precompute import precompute_reference
 
-            print(f"wrote {precompute_reference(config)}")
+            cache = precompute_reference(config)
+            if distributed.launched_rank() == 0:
+                print(f"wrote {cache}")
             return 0
         from dpokit.train import Interrupted, train
 
@@ -293,8 +298,9 @@ def _run(args: argparse.Namespace) -> int:
         except Interrupted as e:
             print(f"dpokit {args.command}: {e}", file=sys.stderr)
             return 128 + e.signum
-        final = {k: round(v, 4) for k, v in (summary["train"] | summary["eval"]).items()}
-        print(f"done: {config.train.output_dir}/final  {final}")
+        if distributed.launched_rank() == 0:
+            final = {k: round(v, 4) for k, v in (summary["train"] | summary["eval"]).items()}
+            print(f"done: {config.train.output_dir}/final  {final}")
         return 0
     if args.command == "preview":
         return _preview(args)

@@ -11,14 +11,17 @@ from typing import Any
 
 import torch
 
+from dpokit import distributed
 from dpokit.config import ConfigError
 from dpokit.errors import UserError
 
 
 def pick_device(name: str) -> torch.device:
-    """`train.device` as a torch device; one this machine does not have is refused before anything loads."""
+    """`train.device` as a torch device; one this machine does not have is refused before anything loads. `auto`:
+    CUDA when there is a GPU, else CPU. Under torchrun each process takes the GPU of its local rank (`cuda` means that
+    one; a fixed `cuda:N` would put every process on one GPU and is refused)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
@@ -29,7 +32,14 @@ def pick_device(name: str) -> torch.device:
         raise ConfigError(f"train.device={name}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"train.device={name}, but Apple's MPS is not available here; use train.device=cpu or auto")
-    return device
+    if device.type != "cuda" or not distributed.launched():
+        return device
+    if device.index is not None and distributed.launched_world_size() > 1:
+        raise ConfigError(
+            f"train.device={name} would put every process on one GPU; use train.device=cuda (or auto): each "
+            "process then takes the GPU of its local rank"
+        )
+    return torch.device("cuda", distributed.local_rank())
 
 
 FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
@@ -54,15 +64,20 @@ def check_attention(name: str, device: torch.device, backward: bool) -> None:
         )
 
 
-def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:
-    """bf16 autocast on CUDA (weights stay fp32); plain fp32 elsewhere. Returns a context-manager factory."""
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether `train.precision` computes in bf16 on this device (auto: on CUDA)."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if use_bf16 and device.type != "cuda":
         raise ConfigError(
             f"train.precision=bf16 needs a CUDA device, and this run's device is {device}: on CPU dpokit trains in "
             "fp32 (set train.precision=fp32 or auto)"
         )
-    if use_bf16:
+    return use_bf16
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], Any]:
+    """bf16 autocast on CUDA (weights stay fp32); plain fp32 elsewhere. Returns a context-manager factory."""
+    if uses_bf16(precision, device):
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
 

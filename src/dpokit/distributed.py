@@ -10,10 +10,12 @@ of FQN-keyed shards, so a run saved by N processes resumes on M.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +40,16 @@ def launched() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun numbered it (0 when not launched), known before and after the group."""
+    return int(os.environ["RANK"]) if launched() else 0
+
+
+def launched_world_size() -> int:
+    """Processes torchrun started (1 when not launched), known before the group exists."""
+    return int(os.environ["WORLD_SIZE"]) if launched() else 1
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -54,27 +66,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto`: CUDA when there is a GPU, else CPU. Launched with several processes, each takes the GPU of its
-    local rank (`cuda` means that one; a fixed `cuda:N` would put every process on one GPU and is refused)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type != "cuda" or not launched():
-        return device
-    if device.index is not None and int(os.environ["WORLD_SIZE"]) > 1:
-        raise UserError(
-            f"train.device={name} would put every process on one GPU; use train.device=cuda (or auto): each "
-            "process then takes the GPU of its local rank"
-        )
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+def local_rank() -> int:
+    """This process's index on its machine (its GPU there)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 @contextlib.contextmanager
 def process_group(device: torch.device, timeout_s: float, single: bool = False) -> Iterator[None]:
-    """Initialise the process group from torchrun's environment (or, with `single`, a group of this one process,
-    which FSDP needs to run at all), unless one exists or neither applies; destroy the group this call made when
-    the block ends, whatever ends it (success, an error, or the `Interrupted` a signal turns into).
+    """The process group a command runs in. Launched by torchrun: initialised from its environment on first use and
+    kept for the life of the process (torch cannot reliably initialise a second group from torchrun's store in one
+    process, and a script may call `train` twice), `shutdown` ends it: the CLI calls it when its command ends,
+    whatever ends it (success, an error, or the `Interrupted` a signal turns into), and so does the interpreter's
+    exit. With `single` and no torchrun: a group of this one process, which FSDP needs, for this block only.
     Collectives fail after `timeout_s` seconds rather than wait forever for a process that is gone."""
     if is_initialized() or not (launched() or single):
         yield
@@ -85,11 +88,19 @@ def process_group(device: torch.device, timeout_s: float, single: bool = False) 
     timeout = datetime.timedelta(seconds=timeout_s)
     if launched():
         dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
-    else:
-        dist.init_process_group(backend, timeout=timeout, store=dist.HashStore(), rank=0, world_size=1)
+        atexit.register(shutdown)
+        yield
+        return
+    dist.init_process_group(backend, timeout=timeout, store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:
+        shutdown()
+
+
+def shutdown() -> None:
+    """Destroy the process group, if there is one."""
+    if is_initialized():
         dist.destroy_process_group()
 
 
@@ -117,6 +128,17 @@ def gather(obj: T) -> list[T]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def sum_over_ranks(totals: dict[str, float]) -> dict[str, float]:
+    """Statistics summed over this process's batches -> summed over every process's (the keys of all of them)."""
+    if not is_initialized() or world_size() == 1:
+        return totals
+    summed: dict[str, float] = {}
+    for part in gather(totals):
+        for k, v in part.items():
+            summed[k] = summed.get(k, 0.0) + v
+    return summed
 
 
 def agree(fn: Callable[[], T]) -> T:
@@ -150,9 +172,11 @@ def _raise_if_any_failed(error: Exception | None) -> None:
 
 # ----------------------------------------------------------------------------------------------------- the data
 def shard(items: Sequence[T]) -> list[T]:
-    """This process's share of a step's examples (every `world_size`-th, starting at `rank`): together the
-    processes see each example once."""
-    return list(items[rank() :: world_size()])
+    """This process's share of a step's examples, a contiguous slice (the processes see each example once): cut into
+    micro-batches, it gives the very micro-batches one process would compute first, second, ..., so the arithmetic
+    differs from one process's only in how the gradients are added up."""
+    share = -(-len(items) // world_size())
+    return list(items[rank() * share : (rank() + 1) * share])
 
 
 def shard_batches(batches: Sequence[T]) -> list[tuple[int, T | None]]:
@@ -165,11 +189,6 @@ def shard_batches(batches: Sequence[T]) -> list[tuple[int, T | None]]:
 
 
 # ------------------------------------------------------------------------------------------------------- FSDP2
-def launched_world_size() -> int:
-    """Processes torchrun started (1 when not launched), known before the group exists."""
-    return int(os.environ["WORLD_SIZE"]) if launched() else 1
-
-
 def use_fsdp(settings: DistributedConfig, device: torch.device) -> bool:
     """Whether this run shards its models (see `DistributedConfig.fsdp`); refuse what cannot work."""
     size = launched_world_size()
@@ -242,12 +261,13 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def clip_grad_norm(parameters: Sequence[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm (over every process's shards) to `max_norm`; return the norm before."""
+def clip_grad_norm(parameters: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (over every process's shards) to `max_norm`; return the norm before, a plain
+    tensor where the gradients lie."""
     from torch.distributed.tensor import DTensor
 
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -257,7 +277,8 @@ def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+    with _one_process_is_fine():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
 
 
 def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
@@ -270,13 +291,36 @@ def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(folder))
+        with _one_process_is_fine(), _as_runtime_error(folder):
+            dcp.load(state, checkpoint_id=str(folder))
         set_model_state_dict(model, state["model"])
         return
     model_state, optimizer_state = get_state_dict(model, optimizer)
     both: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(both, checkpoint_id=str(folder))
+    with _one_process_is_fine(), _as_runtime_error(folder):
+        dcp.load(both, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+
+
+@contextlib.contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """DCP warns that it runs in one process when there is no process group: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+@contextlib.contextmanager
+def _as_runtime_error(folder: Path) -> Iterator[None]:
+    """DCP reports a failed load (on every process alike) as a BaseException; make it an error a caller can catch,
+    e.g. `--resume` going back to the checkpoint before."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        failures = "; ".join(f"rank {r}: {type(f).__name__}: {f}"[:300] for r, f in e.failures.items())
+        raise RuntimeError(f"{folder} does not load into this model ({failures})") from None
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

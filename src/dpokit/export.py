@@ -1,7 +1,8 @@
 """`dpokit export RUN OUT [--merge]`: a run's model as a folder that other tools load.
 
-RUN is a run folder (its `final/` is exported) or one checkpoint folder. Full weights are written as they are (a
-Hugging Face folder). A LoRA run holds an adapter (PEFT's format): without --merge OUT gets the adapter (loads with
+RUN is a run folder (its `final/` is exported) or one checkpoint folder. Full weights are written as a Hugging Face
+folder: copied from `final/`, or assembled from a checkpoint's shards (torch.distributed.checkpoint, written by any
+number of processes). A LoRA run holds an adapter (PEFT's format): without --merge OUT gets the adapter (loads with
 `PeftModel.from_pretrained(base, OUT)`); with --merge OUT gets the base model with the adapter merged into its
 weights, a plain Hugging Face folder (`AutoModelForCausalLM.from_pretrained(OUT)`, no peft needed).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from dpokit.checkpoint import is_sharded_checkpoint, write_hf_folder
 from dpokit.config import load_config
 from dpokit.errors import UserError
 from dpokit.model import DTYPES, is_adapter_folder, load_tokenizer
@@ -51,6 +53,8 @@ def export(run: str | Path, out: str | Path, merge: bool = False) -> Path:
         load_tokenizer(str(folder)).save_pretrained(tmp)
         if saved.exists():
             shutil.copy2(saved, tmp / saved.name)
+    elif is_sharded_checkpoint(folder):  # sharded weights (DCP): assembled, written as one Hugging Face folder
+        write_hf_folder(folder, tmp)
     else:
         shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns(*RUN_FILES_LEFT_OUT))
     if out.exists():

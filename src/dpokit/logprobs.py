@@ -6,6 +6,7 @@ computed in fp32 whatever the model's dtype. Chosen and rejected (all K completi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -127,12 +128,15 @@ class LogpsModel(torch.nn.Module):
     lm: Any
     """The Hugging Face causal LM (its state-dict keys are this module's, less the `lm.` prefix)."""
 
-    def __init__(self, lm: torch.nn.Module, chunk: int = 1024) -> None:
+    def __init__(self, lm: torch.nn.Module, chunk: int = 1024, logps_of: Callable[..., SequenceLogps] | None = None):
         super().__init__()
         self.lm = lm
         self.chunk = chunk
         """Completion tokens per LM-head chunk in the packed layout."""
+        self.logps_of = logps_of
+        """(lm, batch, chunk) -> SequenceLogps; None: `batch_logps` (a reward model passes its scores function)."""
 
     def forward(self, batch: Batch | PackedBatch) -> SequenceLogps:
+        out = (self.logps_of or batch_logps)(self.lm, batch, self.chunk)
         # Fresh tensors, not views: FSDP hooks the outputs for backward, and an in-place op on a view would lose it.
-        return SequenceLogps(*(t.clone() for t in batch_logps(self.lm, batch, self.chunk)))
+        return SequenceLogps(*(t.clone() for t in out))

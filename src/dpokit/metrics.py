@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,9 +44,15 @@ def averaged(total: dict[str, float], per_token: bool) -> dict[str, float]:
 
 class MetricsLog:
     """metrics.jsonl always, and the trackers of `train.report_to` (dpokit.tracking). On resume, rows written after
-    the checkpoint (by the run that was killed) are dropped, so that the file reads as one uninterrupted run."""
+    the checkpoint (by the run that was killed) are dropped, so that the file reads as one uninterrupted run. Not
+    `enabled` (the processes other than 0 of a torchrun launch), it writes nothing."""
 
-    def __init__(self, out: Path, resume_step: int, trackers: Sequence[Tracker] = ()) -> None:
+    file: Any = None
+    trackers: Sequence[Tracker] = ()
+
+    def __init__(self, out: Path, resume_step: int, trackers: Sequence[Tracker] = (), enabled: bool = True) -> None:
+        if not enabled:
+            return
         path = out / "metrics.jsonl"
         if resume_step and path.exists():
             rows = [line for line in path.read_text(encoding="utf-8").splitlines() if _complete_row(line, resume_step)]
@@ -54,12 +61,16 @@ class MetricsLog:
         self.trackers = trackers
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         for tracker in self.trackers:
             tracker.log(step, metrics)
 
     def close(self) -> None:
+        if self.file is None:
+            return
         self.file.close()
         for tracker in self.trackers:
             tracker.close()

@@ -91,10 +91,15 @@ def load_model(
     revision: str | None = None,
 ) -> Any:
     """A Hugging Face causal LM from a local folder, a GGUF file (dequantized by transformers) or a Hub id. A folder
-    that holds a PEFT adapter loads as its base model with the adapter merged in (see dpokit.lora)."""
+    that holds a PEFT adapter loads as its base model with the adapter merged in (see dpokit.lora); a training
+    checkpoint as its model."""
     from transformers import AutoModelForCausalLM
 
     folder, gguf = local_model_path(path, gguf_file, revision, weights=True)
+    if (Path(folder) / "sharded").is_dir():  # a training checkpoint (sharded weights): assembled in memory
+        from dpokit.checkpoint import assemble
+
+        return assemble(Path(folder), attn_implementation, dtype)
     if is_adapter_folder(folder):
         from dpokit.lora import load_merged
 

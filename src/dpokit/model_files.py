@@ -68,6 +68,8 @@ def _check_weights(path: Path, given: str) -> None:
     from safetensors import SafetensorError, safe_open
 
     files = [f for pattern in WEIGHT_PATTERNS for f in sorted(path.glob(pattern))]
+    if not files and (path / "sharded" / ".metadata").is_file():
+        return  # a training checkpoint: its weights are a torch.distributed.checkpoint folder (checkpoint.py)
     if not files:
         raise ModelError(
             f"model folder '{given}' holds no weights (model.safetensors or pytorch_model.bin); copy them into it, "

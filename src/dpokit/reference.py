@@ -22,13 +22,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from dpokit import distributed
 from dpokit.compat import check_reference
 from dpokit.config import ConfigError, RunConfig
 from dpokit.data.collate import Batch
 from dpokit.data.pack import PackedBatch
 from dpokit.data.tokenize import TokenizedExample
 from dpokit.errors import UserError
-from dpokit.logprobs import batch_logps
+from dpokit.logprobs import LogpsModel
 from dpokit.lora import adapter_off_reference, base_state_dict, is_peft
 from dpokit.model import DTYPES, load_model
 
@@ -84,17 +85,19 @@ def cache_parts(
 
 
 @torch.no_grad()
-def score(
-    model: torch.nn.Module, batches: Sequence[Batch | PackedBatch], device: torch.device, autocast: Any, chunk: int
-) -> Tensor:
-    """(N, K) log-probs of every example, in data order."""
+def score(model: LogpsModel, batches: Sequence[Batch | PackedBatch], device: torch.device, autocast: Any) -> Tensor:
+    """(N, K) log-probs of every example, in data order. With several processes each scores every N-th batch (the
+    very batches one process would score, so the values are the same) and every process gets the whole."""
     model.eval()
-    out = []
-    for batch in batches:
+    mine: dict[int, Tensor] = {}
+    for i, batch in distributed.shard_batches(batches):
         with autocast():
-            logps = batch_logps(model, batch.to(device), chunk).logps
-        out.append(logps.float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 2)
+            # A process with no batch left joins the others' collectives with a forward it throws away.
+            logps = model((batch if batch is not None else batches[0]).to(device)).logps
+        if batch is not None:
+            mine[i] = logps.float().cpu()
+    scored = {i: t for part in distributed.gather(mine) for i, t in part.items()}
+    return torch.cat([scored[i] for i in range(len(batches))]) if batches else torch.zeros(0, 2)
 
 
 def save_cache(path: str | Path, parts: dict[str, str], logps: dict[str, Tensor], info: dict[str, str]) -> None:
@@ -159,8 +162,9 @@ def load_cache(path: str | Path, parts: dict[str, str]) -> dict[str, Tensor]:
 
 def make_reference(
     config: RunConfig, policy: torch.nn.Module, cache_parts_fn: Callable[[], dict[str, str]], device: torch.device
-) -> tuple[ReferenceFn, torch.nn.Module | None]:
-    """Return (batch, split) -> reference log-probs (B, K), and the reference module if one is held."""
+) -> tuple[ReferenceFn, LogpsModel | None]:
+    """Return (batch, split) -> reference log-probs (B, K), and the reference model (frozen, not yet placed on a
+    device: the caller puts it there, sharded or whole, with `distributed.place`) if one is held."""
     mode = config.reference.mode
     if mode == "none":
         return (lambda batch, split: torch.zeros(batch.num_examples, batch.num_completions, device=device)), None
@@ -171,16 +175,16 @@ def make_reference(
     if mode == "copy" and is_peft(policy):
         return adapter_off_reference(policy, config.train.logits_chunk), None
     if mode == "copy":
-        reference = copy.deepcopy(policy)
+        lm = copy.deepcopy(policy)
     else:
         assert config.reference.path is not None
         dtype = DTYPES[config.model.dtype]
-        reference = load_model(config.reference.path, None, config.model.attn_implementation, dtype).to(device)
-        check_reference(config, policy, reference)
-    reference.eval().requires_grad_(False)
+        lm = load_model(config.reference.path, None, config.model.attn_implementation, dtype)
+        check_reference(config, policy, lm)
+    reference = LogpsModel(lm, config.train.logits_chunk).eval().requires_grad_(False)
 
     @torch.no_grad()
     def reference_logps(batch: Batch | PackedBatch, split: str) -> Tensor:
-        return batch_logps(reference, batch, config.train.logits_chunk).logps
+        return reference(batch).logps
 
     return reference_logps, reference

@@ -43,14 +43,17 @@ SAFE_TO_CHANGE = frozenset(
         "train.activation_checkpointing",
         "train.compile",
         "train.compile_memory_budget",
+        "distributed.fsdp",
+        "distributed.cpu_offload",
+        "distributed.timeout_s",
         "data.train_path",
         "data.eval_path",
         "data.max_eval_examples",
     }
 )
-"""Settings a resumed run may change: where and how long it runs, what it logs and evaluates, where the same data
-lives (the data itself is checked by digest). Changing the length changes a linear or cosine schedule's remaining
-steps; that is logged."""
+"""Settings a resumed run may change: where and how long it runs (on how many processes, sharded or not), what it
+logs and evaluates, where the same data lives (the data itself is checked by digest). Changing the length changes a
+linear or cosine schedule's remaining steps; that is logged."""
 LOAD_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     RuntimeError,

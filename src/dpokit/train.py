@@ -4,6 +4,10 @@ One optimizer step consumes `train.batch_size` examples in `batch_size / micro_b
 passes; each pass's summed loss is divided by the example count of the whole step (or, for SFT, its completion
 token count), so accumulation gives the same update as one large batch. `set_up` does everything before the first
 step and `finish` everything after the last.
+
+Under torchrun every process runs this same loop on its share of each step's examples (`distributed.shard`), the
+models sharded with FSDP2; statistics are summed over the processes, so the metrics are the global batch's, and
+process 0 alone writes files. With the global normaliser, N processes make one process's update.
 """
 
 from __future__ import annotations
@@ -27,13 +31,13 @@ from dpokit import distributed, tracking
 from dpokit import resume as resume_checks
 from dpokit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_model, step_folders
 from dpokit.compat import check_policy, check_reference_tokenizer
-from dpokit.config import RunConfig, save_config, to_dict
+from dpokit.config import ConfigError, RunConfig, save_config, to_dict
 from dpokit.data.batching import AnyBatch, Collate, batches_in_order, collate_for, step_examples
 from dpokit.data.prepare import PreparedData, prepare_data
 from dpokit.data.report import DataError
-from dpokit.device import autocast_for, check_attention, out_of_resources, pick_device, seed_everything
+from dpokit.device import autocast_for, check_attention, out_of_resources, pick_device, seed_everything, uses_bf16
 from dpokit.errors import UserError
-from dpokit.logprobs import batch_logps
+from dpokit.logprobs import LogpsModel
 from dpokit.lora import apply_lora
 from dpokit.losses import LOSSES, compute_loss
 from dpokit.metrics import MetricsLog, Stats, averaged, to_host
@@ -45,15 +49,14 @@ from dpokit.runfolder import RunFolder, claim
 
 
 def batch_loss(
-    config: RunConfig, policy: torch.nn.Module, reference_logps: ReferenceFn, batch: AnyBatch, split: str
+    config: RunConfig, policy: LogpsModel, reference_logps: ReferenceFn, batch: AnyBatch, split: str
 ) -> tuple[torch.Tensor, Stats]:
     """Summed loss over the batch's examples, and summed statistics left on the device (`metrics.to_host` brings a
     step's worth to the host at once; divide by the counts to average)."""
-    # A reward model's scalar rewards stand where a policy's log-probs go (loss bradley_terry).
-    logps_of = reward_logps if config.model.head == "score" else batch_logps
-    policy_logps, lengths, log1m = logps_of(policy, batch, config.train.logits_chunk)
     with torch.no_grad():
+        # The reference first: under FSDP2 its gathered weights are freed before the policy's are gathered.
         ref_logps = reference_logps(batch, split)
+    policy_logps, lengths, log1m = policy(batch)
     settings = dataclasses.asdict(config.loss)
     out = compute_loss(
         settings.pop("name"),
@@ -94,7 +97,7 @@ class Run:
     autocast: Callable[[], Any]
     tokenizer: Any
     data: PreparedData
-    policy: torch.nn.Module
+    policy: LogpsModel
     reference_logps: ReferenceFn
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -109,13 +112,18 @@ class Run:
 
 @torch.no_grad()
 def evaluate(config: RunConfig, run: Run, batches: Sequence[AnyBatch], split: str = "eval") -> dict[str, float]:
+    """Means over every batch; with several processes each computes every N-th batch and the sums are added up."""
     run.policy.eval()
     sums = []
-    for batch in tqdm(batches, desc=split, leave=False, disable=not distributed.is_main()):
+    shares = distributed.shard_batches(batches)
+    for _, batch in tqdm(shares, desc=split, leave=False, disable=not distributed.is_main()):
         with run.autocast():
-            sums.append(batch_loss(config, run.policy, run.reference_logps, batch.to(run.device), split)[1])
+            # A process with no batch left joins the others' FSDP collectives with a forward it throws away.
+            stats = batch_loss(config, run.policy, run.reference_logps, (batch or batches[0]).to(run.device), split)[1]
+        if batch is not None:
+            sums.append(stats)
     run.policy.train()
-    means = averaged(to_host(sums), LOSSES[config.loss.name].per_token)
+    means = averaged(distributed.sum_over_ranks(to_host(sums)), LOSSES[config.loss.name].per_token)
     means.pop("tokens")
     return {f"{split}/{k}": v for k, v in means.items()}
 
@@ -153,19 +161,26 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False) -> d
     """Run SFT or preference optimisation as the config says; return the summary (also in summary.json).
     `resume` continues the run in `train.output_dir`, `overwrite` replaces it; without either the folder must hold
     no run (runfolder.py)."""
-    with claim(config, resume, overwrite) as folder, out_of_resources(config.train.micro_batch_size):
-        return _train(config, folder, resume)
+    device = pick_device(config.train.device)
+    check_attention(config.model.attn_implementation, device, backward=True)
+    fsdp = distributed.use_fsdp(config.distributed, device)
+    # Under torchrun: the process group lives as long as the process (distributed.process_group); process 0 claims
+    # the folder, and a refusal stops every process.
+    with distributed.process_group(device, config.distributed.timeout_s, single=fsdp), contextlib.ExitStack() as stack:
+        folder = distributed.agree(lambda: stack.enter_context(claim(config, resume, overwrite)))
+        with out_of_resources(config.train.micro_batch_size):
+            return _train(config, folder, resume, device)
 
 
-def _train(config: RunConfig, folder: RunFolder, resume: bool) -> dict[str, Any]:
+def _train(config: RunConfig, folder: RunFolder, resume: bool, device: torch.device) -> dict[str, Any]:
     t = config.train
-    run = set_up(config, folder, resume)
+    run = set_up(config, folder, resume, device)
     policy, optimizer, scheduler, device = run.policy, run.optimizer, run.scheduler, run.device
     per_token = LOSSES[config.loss.name].per_token
     eval_batches = batches_in_order(run.data.eval, t.micro_batch_size, run.make_batch)
     checkpoints = run.out / "checkpoints"
     trackers = tracking.open_trackers(tracking.resolve(t.report_to), run.out, to_dict(config), run.start_step > 0)
-    log = MetricsLog(run.out, run.start_step, trackers)
+    log = MetricsLog(run.out, run.start_step, trackers, enabled=distributed.is_main())
     skipped_steps, train_metrics = run.skipped_steps, {}
 
     policy.train()
@@ -196,9 +211,10 @@ def _train(config: RunConfig, folder: RunFolder, resume: bool) -> dict[str, Any]
                 (loss_sum / normalizer).backward()
                 sums.append(stats)
             max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm)
+            grad_norm = distributed.clip_grad_norm(list(policy.parameters()), max_norm)  # over every process's shards
             totals = to_host([*sums, {"grad_norm": grad_norm}])  # the step's one transfer to the host
             grad_norm_value, done = totals.pop("grad_norm"), step + 1
+            totals = distributed.sum_over_ranks(totals)  # the global batch's sums, the same on every process
             if math.isfinite(grad_norm_value) and math.isfinite(totals["loss"]):
                 optimizer.step()
                 scheduler.step()
@@ -206,7 +222,10 @@ def _train(config: RunConfig, folder: RunFolder, resume: bool) -> dict[str, Any]
                 # Skip the update, keep the data moving; too many such steps (resumes included) mean a broken run.
                 skipped_steps += 1
                 optimizer.zero_grad(set_to_none=True)
-                print(f"[warning] step {done}: non-finite loss or gradient, update skipped ({skipped_steps} so far)")
+                if distributed.is_main():
+                    print(
+                        f"[warning] step {done}: non-finite loss or gradient, update skipped ({skipped_steps} so far)"
+                    )
                 if skipped_steps > t.max_nonfinite_steps:
                     last = latest_checkpoint(checkpoints) or "none saved"
                     raise NonFiniteError(
@@ -233,7 +252,8 @@ def _train(config: RunConfig, folder: RunFolder, resume: bool) -> dict[str, Any]
             )
             if eval_batches and t.eval_every and done % t.eval_every == 0 and done < run.total_steps:
                 log.write(done, evaluate(config, run, eval_batches))
-            if (t.save_every and done % t.save_every == 0 and done < run.total_steps) or stop_flag:
+            stop = distributed.any_rank(bool(stop_flag))  # all processes stop at one step, even if one was signalled
+            if (t.save_every and done % t.save_every == 0 and done < run.total_steps) or stop:
                 save_checkpoint(
                     checkpoints / f"step-{done}",
                     policy,
@@ -245,42 +265,50 @@ def _train(config: RunConfig, folder: RunFolder, resume: bool) -> dict[str, Any]
                     skipped_steps,
                     run.digests,
                 )
-            if stop_flag:
+            if stop:
                 log.close()
-                raise Interrupted(stop_flag["signal"], checkpoints / f"step-{done}")
+                raise Interrupted(stop_flag.get("signal", signal.SIGTERM), checkpoints / f"step-{done}")
     return finish(config, run, log, train_metrics, eval_batches)
 
 
-def set_up(config: RunConfig, folder: RunFolder, resume: bool) -> Run:
-    """Device, precision and seeds; tokenizer and data; policy and reference; optimizer and schedule; with `resume`,
-    the newest usable checkpoint's state (resume.py). Bad settings, paths and data fail here, before anything is
-    written into the claimed output folder."""
+def set_up(config: RunConfig, folder: RunFolder, resume: bool, device: torch.device) -> Run:
+    """Precision and seeds; tokenizer and data; policy and reference; optimizer and schedule; with `resume`, the
+    newest usable checkpoint's state (resume.py). Bad settings, paths and data fail here, before anything is written
+    into the claimed output folder, and on every process at once (`distributed.agree`)."""
     t = config.train
-    device = pick_device(t.device)
-    check_attention(config.model.attn_implementation, device, backward=True)
     autocast = autocast_for(t.precision, device)
     tracking.resolve(t.report_to)  # a tracker that is not installed fails here, before anything is written
     seed_everything(t.seed, t.deterministic)
     out, checkpoints = folder.out, folder.out / "checkpoints"
-    resumable = resume_checks.choose(step_folders(checkpoints), config, checkpoints) if resume else []
-    tokenizer = load_tokenizer(config.model.path, config.model.gguf_file, config.model.revision)
-    data = prepare_data(config.data, tokenizer, LOSSES[config.loss.name].data)
-    digests = resume_checks.data_digests(tokenizer, data.train, data.eval)
-    if resumable:
-        for note in resume_checks.check_data(resumable[0], digests, config):
-            print(f"[resume] {note}")
-    for line in data.train_report.lines():
-        print(f"[data] {line}")
-    if len(data.train) < t.batch_size:
-        raise DataError(
-            f"{config.data.train_path}: {len(data.train)} training examples (counts above) are fewer than "
-            f"train.batch_size={t.batch_size}; lower train.batch_size or give more data"
-        )
+    main = distributed.is_main()
+
+    def load() -> tuple[list[resume_checks.Checkpoint], Any, PreparedData, dict[str, str]]:
+        resumable = resume_checks.choose(step_folders(checkpoints), config, checkpoints) if resume else []
+        tokenizer = load_tokenizer(config.model.path, config.model.gguf_file, config.model.revision)
+        data = prepare_data(config.data, tokenizer, LOSSES[config.loss.name].data)
+        digests = resume_checks.data_digests(tokenizer, data.train, data.eval)
+        notes = resume_checks.check_data(resumable[0], digests, config) if resumable else []
+        lines = [f"[resume] {note}" for note in notes] + [f"[data] {line}" for line in data.train_report.lines()]
+        if main:  # every process read all the data: these counts are the run's
+            print("\n".join(lines))
+        if len(data.train) < t.batch_size:
+            raise DataError(
+                f"{config.data.train_path}: {len(data.train)} training examples (counts above) are fewer than "
+                f"train.batch_size={t.batch_size}; lower train.batch_size or give more data"
+            )
+        if t.batch_size % distributed.world_size():
+            raise ConfigError(
+                f"train.batch_size ({t.batch_size}) must be a multiple of the number of processes "
+                f"({distributed.world_size()}), so that each takes an equal share of every step"
+            )
+        return resumable, tokenizer, data, digests
+
+    resumable, tokenizer, data, digests = distributed.agree(load)
     total_steps = t.max_steps if t.max_steps is not None else t.epochs * (len(data.train) // t.batch_size)
-    policy, reference_logps = load_models(config, device, tokenizer, data)
+    policy, reference_logps = distributed.agree(lambda: load_models(config, device, tokenizer, data))
     optimizer = make_optimizer(config, policy)
     scheduler = make_scheduler(config, optimizer, total_steps)
-    make_batch = collate_for(config, policy, tokenizer.pad_token_id)
+    make_batch = collate_for(config, policy.lm, tokenizer.pad_token_id)
     run = Run(
         out,
         device,
@@ -300,15 +328,17 @@ def set_up(config: RunConfig, folder: RunFolder, resume: bool) -> Run:
             resumable, config, digests, lambda path: load_training_state(path, policy, optimizer, scheduler)
         )
     folder.begin()  # the first write: a run that failed before here left the output folder as it found it
-    save_config(config, out / "config.yaml")
+    if main:
+        save_config(config, out / "config.yaml")
     return run
 
 
 def load_models(
     config: RunConfig, device: torch.device, tokenizer: Any, data: PreparedData
-) -> tuple[torch.nn.Module, ReferenceFn]:
-    """The policy on `device`, and the reference as a function (batch, split) -> log-probs. A precomputed reference
-    cache is checked against the tokenizer and data before any weights load; the weights digest is added after."""
+) -> tuple[LogpsModel, ReferenceFn]:
+    """The policy on `device` (sharded with FSDP2 when the run uses it), and the reference as a function
+    (batch, split) -> log-probs. A precomputed reference cache is checked against the tokenizer and data before any
+    weights load; the weights digest is added after."""
     data_parts: dict[str, str] = {}
     if config.reference.mode == "precomputed":
         data_parts = cache_parts(None, tokenizer_digest(tokenizer), data.train, data.eval, config)
@@ -317,27 +347,39 @@ def load_models(
         check_reference_tokenizer(config, tokenizer_digest(tokenizer))
     dtype = DTYPES[config.model.dtype]
     m = config.model
+    if m.lora is not None and distributed.use_fsdp(config.distributed, device):
+        raise ConfigError(
+            "model.lora trains in one process for now: FSDP (several processes, or distributed.fsdp=on) does not "
+            "shard adapters yet; launch one process, or train all weights"
+        )
     if m.head == "score":
-        policy = load_reward_model(m.path, m.dtype, m.attn_implementation)[0].to(device)
+        lm = load_reward_model(m.path, m.dtype, m.attn_implementation)[0]
     else:
-        policy = load_model(m.path, m.gguf_file, m.attn_implementation, dtype, m.revision).to(device)
-    check_policy(config, tokenizer, policy, m.path)
-    policy.config.use_cache = False
+        lm = load_model(m.path, m.gguf_file, m.attn_implementation, dtype, m.revision)
+    check_policy(config, tokenizer, lm, m.path)
+    lm.config.use_cache = False
     if m.lora is not None:  # adapters on the frozen model; π_ref (mode copy) is the same model with them disabled
-        policy = apply_lora(policy, m.lora, m.path, m.revision)
+        lm = apply_lora(lm, m.lora, m.path, m.revision)
 
     def reference_parts() -> dict[str, str]:
         # The weights digest of the model precompute-ref scored with: the initial policy, or reference.path.
-        reference = policy if config.reference.path is None else load_model(config.reference.path, dtype=dtype)
+        reference = lm if config.reference.path is None else load_model(config.reference.path, dtype=dtype)
         return data_parts | {"weights": weights_digest(reference)}
 
-    reference_logps, reference = make_reference(config, policy, reference_parts, device)
+    reference_logps, reference = make_reference(config, lm, reference_parts, device)
     if config.train.activation_checkpointing:  # after the reference copy, which never runs backward
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.train.compile:
-        compile_layers(policy)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.train.compile:  # before sharding, as torchtune does (compiling FSDP2-wrapped layers aborted here)
+        compile_layers(lm)
         if reference is not None:
-            compile_layers(reference)
+            compile_layers(reference.lm)
+    # Sharded (or moved) last, from the whole weights each process loaded on the CPU.
+    bf16 = uses_bf16(config.train.precision, device)
+    if reference is not None:
+        distributed.place(reference, device, config.distributed, frozen=True, bf16=bf16)
+    # A reward model's scalar rewards stand where a policy's log-probs go (loss bradley_terry).
+    policy = LogpsModel(lm, config.train.logits_chunk, reward_logps if m.head == "score" else None)
+    distributed.place(policy, device, config.distributed, frozen=False, bf16=bf16)
     return policy, reference_logps
 
 
@@ -360,6 +402,7 @@ def finish(
     summary = {
         "steps": run.total_steps,
         "resumed_from_step": run.start_step,
+        "world_size": distributed.world_size(),
         "train": train_metrics,
         "eval": eval_metrics,
         "train_eval": train_eval,
