@@ -140,7 +140,8 @@ def test_training_under_fsdp2_in_one_process_is_training_without_it(tiny_model: 
 
     for name, fsdp in (("plain", "off"), ("fsdp", "on")):
         overrides = [*tiny_run(tiny_model, hh_file, tmp_path / name), "train.micro_batch_size=4", "train.max_steps=3"]
-        train(load_config(None, [*overrides, "train.save_every=2", f"distributed.fsdp={fsdp}"]))
+        summary = train(load_config(None, [*overrides, "train.save_every=2", f"distributed.fsdp={fsdp}"]))
+        assert (summary["world_size"], summary["fsdp"]) == (1, fsdp == "on")
     assert not distributed.is_initialized()  # the group of one ended with the run
     plain, fsdp = (read_metrics(tmp_path / n) for n in ("plain", "fsdp"))
     assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in plain], rel=1e-5)

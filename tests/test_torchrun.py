@@ -125,7 +125,7 @@ def test_two_processes_make_one_process_run(runs: dict[str, Path], mode: str) ->
     _same_metrics(one, two)
     _same_weights(one, two)
     s1, s2 = (json.loads((p / "summary.json").read_text()) for p in (one, two))
-    assert (s1["world_size"], s2["world_size"]) == (1, 2)
+    assert (s1["world_size"], s1["fsdp"], s2["world_size"], s2["fsdp"]) == (1, False, 2, True)
     assert s2["data"] == s1["data"] and s2["data"]["train"]["loaded"] == 49  # the whole run's counts
     assert any("eval/loss" in r for r in read_metrics(two)) and any("train_eval/loss" in r for r in read_metrics(two))
     # Rank 0 alone wrote the files: one row per step, one config.

@@ -403,6 +403,7 @@ def finish(
         "steps": run.total_steps,
         "resumed_from_step": run.start_step,
         "world_size": distributed.world_size(),
+        "fsdp": distributed.is_sharded(run.policy),
         "train": train_metrics,
         "eval": eval_metrics,
         "train_eval": train_eval,

@@ -33,13 +33,17 @@ def _step(world: World, n: int) -> Path:
     return world.out / "checkpoints" / f"step-{n}"
 
 
+SHARD = "sharded/__0_0.distcp"
+"""A checkpoint's weights and optimizer state (one process's DCP shard file); `sharded/.metadata` indexes them."""
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
 
 
 def _garble_head(path: Path) -> None:
-    """Same size, unreadable header (a safetensors header length far beyond the file)."""
+    """Same size, unreadable header (a safetensors header length far beyond the file; a pickle that cannot start)."""
     data = path.read_bytes()
     path.write_bytes(b"\xff" * 8 + data[8:])
 
@@ -262,8 +266,8 @@ CASES: list[Case] = [
     ),
     resume(
         "resume-truncated-weights",
-        expect=(f"skipping {STEP}2: model.safetensors has", f"from {STEP}1 at step 1"),
-        setup=lambda w: _truncate(_step(w, 2) / "model.safetensors"),
+        expect=(f"skipping {STEP}2: {SHARD} has", f"from {STEP}1 at step 1"),
+        setup=lambda w: _truncate(_step(w, 2) / SHARD),
         code=0,
     ),
     resume(
@@ -275,7 +279,7 @@ CASES: list[Case] = [
     resume(
         "resume-garbled-weights",
         expect=(f"cannot load {STEP}2", f"from {STEP}1 at step 1"),
-        setup=lambda w: _garble_head(_step(w, 2) / "model.safetensors"),
+        setup=lambda w: _garble_head(_step(w, 2) / "sharded" / ".metadata"),
         code=0,
     ),
     resume(
@@ -310,8 +314,8 @@ CASES: list[Case] = [
     ),
     resume(
         "resume-all-damaged",
-        expect=("no usable checkpoint", "step-2: model.safetensors has", "step-1: trainer_state.pt has"),
-        setup=lambda w: (_truncate(_step(w, 2) / "model.safetensors"), _truncate(_step(w, 1) / "trainer_state.pt")),
+        expect=("no usable checkpoint", f"step-2: {SHARD} has", "step-1: trainer_state.pt has"),
+        setup=lambda w: (_truncate(_step(w, 2) / SHARD), _truncate(_step(w, 1) / "trainer_state.pt")),
     ),
     resume("resume-and-overwrite", "--overwrite", expect=("--overwrite", "not allowed with argument --overwrite")),
     # --- 6. environment: folders a run cannot use -------------------------------------------------------------------
