@@ -65,8 +65,12 @@ def test_when_fsdp_applies(monkeypatch: pytest.MonkeyPatch) -> None:
     assert distributed.use_fsdp(DistributedConfig(), cpu)  # two processes, auto: FSDP2
     with pytest.raises(UserError, match="torchrun started 2"):
         distributed.use_fsdp(DistributedConfig(fsdp="off"), cpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(UserError, match="every process on one GPU"):
         pick_device("cuda:1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pick_device("cuda") == torch.device("cuda", 1)  # LOCAL_RANK's GPU
 
 
 def test_distributed_settings_are_validated() -> None:
