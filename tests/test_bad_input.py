@@ -142,7 +142,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(
 
     def fills_the_disk(obj, path, *args, **kwargs):
         saves.append(path)
-        if len(saves) == 2:
+        # The second checkpoint's first write: torch.distributed.checkpoint writing its shards (into a buffer).
+        if not isinstance(path, (str, Path)) and any("step-1" in str(p) for p in saves):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(obj, path, *args, **kwargs)
 

@@ -277,7 +277,7 @@ def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    with _one_process_is_fine():
+    with _one_process_is_fine(), _written_or_oserror(folder):
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
 
 
@@ -319,8 +319,25 @@ def _as_runtime_error(folder: Path) -> Iterator[None]:
     try:
         yield
     except CheckpointException as e:
-        failures = "; ".join(f"rank {r}: {type(f).__name__}: {f}"[:300] for r, f in e.failures.items())
+        errors = {r: f[0] if isinstance(f, tuple) else f for r, f in e.failures.items()}
+        failures = "; ".join(f"rank {r}: {type(f).__name__}: {f}"[:300] for r, f in errors.items())
         raise RuntimeError(f"{folder} does not load into this model ({failures})") from None
+
+
+@contextlib.contextmanager
+def _written_or_oserror(folder: Path) -> Iterator[None]:
+    """DCP reports a failed save as a BaseException holding each process's error: a write that failed (a full
+    disk) becomes that OSError again, which the run turns into one line (device.out_of_resources)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        errors = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        for error in errors:
+            if isinstance(error, OSError):
+                raise error from None
+        raise RuntimeError(f"saving {folder} failed: {'; '.join(map(repr, errors))[:600]}") from None
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
