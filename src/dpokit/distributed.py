@@ -314,8 +314,13 @@ def _one_process_is_fine() -> Iterator[None]:
 def _as_runtime_error(folder: Path) -> Iterator[None]:
     """DCP reports a failed load (on every process alike) as a BaseException; make it an error a caller can catch,
     e.g. `--resume` going back to the checkpoint before."""
+    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
 
+    try:  # read the index first: DCP logs a traceback to the root logger when it cannot, then tries other files
+        FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:
+        raise RuntimeError(f"{folder}/.metadata cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
     try:
         yield
     except CheckpointException as e:
