@@ -86,8 +86,12 @@ def worker(args: argparse.Namespace) -> None:
         raw[section] = raw.get(section, {}) | fields
     if p["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    stamps = _stamp_steps()
     train(from_dict(raw))
-    if os.environ.get("RANK", "0") != "0":
+    rank = os.environ.get("RANK", "0")
+    # Every process's CPU seconds (all its threads) at the end of each step: the others' go to files beside rank 0's.
+    Path(f"{args.result}.cpu{rank}").write_text(json.dumps(stamps))
+    if rank != "0":
         return
     rows = [json.loads(line) for line in (folder / args.worker / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "step_seconds" in r]
@@ -97,6 +101,24 @@ def worker(args: argparse.Namespace) -> None:
     else:
         result["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     Path(args.result).write_text(json.dumps(result))
+
+
+def _stamp_steps() -> list[list[float]]:
+    """(process CPU seconds, wall seconds) when each training step's metrics are logged: every process logs every
+    step (only process 0 writes), so each has its own stamps. The machine may be shared: CPU seconds are this
+    process's own work, whatever else runs."""
+    from dpokit import metrics
+
+    stamps: list[list[float]] = []
+    write = metrics.MetricsLog.write
+
+    def stamped(self: metrics.MetricsLog, step: int, values: dict[str, float]) -> None:
+        if "step_seconds" in values:
+            stamps.append([time.process_time(), time.perf_counter()])
+        write(self, step, values)
+
+    metrics.MetricsLog.write = stamped  # type: ignore[method-assign]
+    return stamps
 
 
 def run_system(system: str, p: dict, folder: Path, timeout: float) -> dict:
@@ -122,6 +144,11 @@ def run_system(system: str, p: dict, folder: Path, timeout: float) -> dict:
     r = json.loads(result.read_text())
     timed = r["step_seconds"][p["warmup"] :]
     r["mean_step_seconds"] = sum(timed) / len(timed)
+    # CPU seconds per timed step, summed over the processes: from the end of the last warm-up step to the last step.
+    cpu = [json.loads(Path(f"{result}.cpu{rank}").read_text()) for rank in range(processes)]
+    first, last = p["warmup"] - 1, p["warmup"] + p["steps"] - 1
+    r["cpu_seconds_per_step"] = sum(c[last][0] - c[first][0] for c in cpu) / p["steps"]
+    r["wall_seconds_per_step"] = (cpu[0][last][1] - cpu[0][first][1]) / p["steps"]
     r["wall_seconds"] = time.perf_counter() - started
     return r
 
@@ -170,16 +197,19 @@ def main() -> None:
 def _report(results: dict, p: dict, command: str, out: Path) -> None:
     first = next((r for r in results.values() if "error" not in r), {})
     lines = [
-        f"{'system':<26} {'params':>8} {'step s':>8} {'tokens/s':>9} {'peak GiB':>8} {'x first':>8} {'1st loss':>8}"
+        f"{'system':<26} {'params':>8} {'step s':>8} {'CPU s':>7} {'tokens/s':>9} {'peak GiB':>8} {'x first':>8} "
+        f"{'CPU x':>6} {'1st loss':>8}"
     ]
     for name, r in results.items():
         if "error" in r:
             lines.append(f"{name:<26} failed: {r['error'][-300:]!r}")
             continue
         ratio = r["mean_step_seconds"] / first["mean_step_seconds"]
+        cpu_ratio = r["cpu_seconds_per_step"] / first["cpu_seconds_per_step"]
         lines.append(
-            f"{name:<26} {r['parameters'] / 1e9:>7.2f}B {r['mean_step_seconds']:>8.3f} {r['tokens_per_second']:>9.0f} "
-            f"{r['peak_memory_gib']:>8.2f} {ratio:>8.3f} {r['losses'][0]:>8.4f}"
+            f"{name:<26} {r['parameters'] / 1e9:>7.2f}B {r['mean_step_seconds']:>8.3f} "
+            f"{r['cpu_seconds_per_step']:>7.3f} {r['tokens_per_second']:>9.0f} {r['peak_memory_gib']:>8.2f} "
+            f"{ratio:>8.3f} {cpu_ratio:>6.3f} {r['losses'][0]:>8.4f}"
         )
     table = "\n".join(lines)
     print(table, flush=True)
