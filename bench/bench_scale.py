@@ -1,15 +1,19 @@
 """dpokit under torchrun and FSDP2 against one process, on bench_dpo's workload (random Llama, word-level pairs).
 
     python bench/bench_scale.py --preset cpu       # 2 cores: 2 processes x 1 thread (FSDP2) vs 1 process x 2 threads,
-                                                   # and FSDP2 at world size 1 vs no wrapping
+                                                   # and FSDP2 at world size 1 vs no wrapping (1 thread each)
     python bench/bench_scale.py --preset llama1b   # one GPU: FSDP2 at world size 1 vs no wrapping (Llama-3.2-1B shapes)
     python bench/bench_scale.py --preset fit       # one GPU: the largest Llama shape (8B, then 3B, then 1B) whose
                                                    # full-parameter DPO step fits with FSDP2 CPU offload
 
 Each system runs in its own process group (`torchrun` for several processes) for `warmup + steps` optimizer steps
-of `pairs` pairs, through `dpokit.train.train`; the timings are rank 0's of the last `steps`. Peak memory is rank 0's
-(GPU: max allocated; CPU: max RSS of the process). Prints a table and writes bench/results/<preset>-scale.json
-with the exact command, rewritten after every system so a run cut short keeps what it measured.
+of `pairs` pairs, through `dpokit.train.train`; the timings are rank 0's of the last `steps`, and CPU seconds per
+step (process CPU time, all threads, summed over the processes: what the work costs on a shared machine, whatever
+the neighbours do). With `repeats`, the systems run round-robin that many times and the medians are reported;
+"x base" and "CPU x" compare a system with the one it stands against (its wall and CPU seconds per step). Peak
+memory is rank 0's (GPU: max allocated; CPU: max RSS of the process). Prints a table and writes
+bench/results/<preset>-scale.json with the exact command, rewritten after every system so a run cut short keeps
+what it measured.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import resource
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,16 +39,25 @@ LLAMA_8B = {"vocab": 128256, "hidden": 4096, "intermediate": 14336, "layers": 32
 LLAMA_3B = {"vocab": 128256, "hidden": 3072, "intermediate": 8192, "layers": 28, "heads": 24, "kv_heads": 8}
 LLAMA_1B = {k: DPO_PRESETS["llama1b"][k] for k in LLAMA_8B}
 SYSTEMS = {
-    # name: (processes, threads per process, dpokit overrides)
-    "1proc-2threads": (1, 2, {"distributed": {"fsdp": "off"}}),
-    "2procs-1thread-fsdp": (2, 1, {"distributed": {"fsdp": "auto"}}),
-    "1proc-fsdp": (1, 2, {"distributed": {"fsdp": "on"}}),
-    "gpu-plain": (1, 0, {"distributed": {"fsdp": "off"}}),
-    "gpu-fsdp": (1, 0, {"distributed": {"fsdp": "on"}}),
-    "gpu-fsdp-offload": (1, 0, {"distributed": {"fsdp": "on", "cpu_offload": True}, "model": {"dtype": "bf16"}}),
+    # name: (processes, threads per process, dpokit overrides, the system it is compared with)
+    "1proc-2threads": (1, 2, {"distributed": {"fsdp": "off"}}, None),
+    "2procs-1thread-fsdp": (2, 1, {"distributed": {"fsdp": "auto"}}, "1proc-2threads"),
+    # FSDP2's own cost, single-threaded: with 2 threads on a shared machine OpenMP's spin-waits count as CPU time.
+    "1proc-1thread": (1, 1, {"distributed": {"fsdp": "off"}}, None),
+    "1proc-1thread-fsdp": (1, 1, {"distributed": {"fsdp": "on"}}, "1proc-1thread"),
+    "gpu-plain": (1, 0, {"distributed": {"fsdp": "off"}}, None),
+    "gpu-fsdp": (1, 0, {"distributed": {"fsdp": "on"}}, "gpu-plain"),
+    "gpu-fsdp-offload": (
+        1,
+        0,
+        {"distributed": {"fsdp": "on", "cpu_offload": True}, "model": {"dtype": "bf16"}},
+        None,
+    ),
 }
+CPU_SYSTEMS = ["1proc-2threads", "2procs-1thread-fsdp", "1proc-1thread", "1proc-1thread-fsdp"]
 PRESETS = {
-    "cpu": DPO_PRESETS["cpu"] | {"systems": ["1proc-2threads", "2procs-1thread-fsdp", "1proc-fsdp"], "steps": 8},
+    # Each system `repeats` times, round-robin (the machine's load drifts): the medians are reported.
+    "cpu": DPO_PRESETS["cpu"] | {"systems": CPU_SYSTEMS, "steps": 8, "repeats": 3},
     "llama1b": DPO_PRESETS["llama1b"] | {"systems": ["gpu-plain", "gpu-fsdp"], "steps": 10},
     # 8 pairs of U[64, 512] tokens per step; one size after another until one fits.
     "fit": DPO_PRESETS["llama1b"]
@@ -60,7 +74,7 @@ def worker(args: argparse.Namespace) -> None:
     from dpokit.train import train
 
     p = json.loads(args.preset_json)
-    processes, threads, overrides = SYSTEMS[args.worker]
+    processes, threads, overrides, _ = SYSTEMS[args.worker]
     if threads:
         torch.set_num_threads(threads)
     folder = Path(args.folder)
@@ -122,8 +136,9 @@ def _stamp_steps() -> list[list[float]]:
 
 
 def run_system(system: str, p: dict, folder: Path, timeout: float) -> dict:
-    processes, threads, _ = SYSTEMS[system]
+    processes, threads, _, _ = SYSTEMS[system]
     result = folder / f"{system}.json"
+    shutil.rmtree(folder / system, ignore_errors=True)  # a repeat's run folder
     script = [__file__, "--worker", system, "--folder", str(folder), "--result", str(result)]
     script += ["--preset-json", json.dumps(p)]
     if processes > 1:
@@ -180,32 +195,46 @@ def main() -> None:
             make_workload(folder, shape, n_pairs, seed=0, init_device=shape["device"])
             rows = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
             tokens_per_step = sum(counted_tokens(rows, shape)) / (shape["warmup"] + shape["steps"])
-            for system in shape["systems"]:
-                name = f"{system}-{size}" if size else system
-                print(f"[bench] {name} ...", flush=True)
-                r = run_system(system, shape, folder, args.timeout)
-                if "error" not in r:
-                    r["tokens_per_second"] = tokens_per_step / r["mean_step_seconds"]
-                r |= {"parameters": _params(shape), "tokens_per_step_counted": tokens_per_step}
-                results[name] = r
-                _report(results, p, command, out)
+            runs: dict[str, list[dict]] = {}
+            for _ in range(shape.get("repeats", 1)):
+                for system in shape["systems"]:
+                    name = f"{system}-{size}" if size else system
+                    print(f"[bench] {name} ...", flush=True)
+                    runs.setdefault(name, []).append(run_system(system, shape, folder, args.timeout))
+                    results[name] = _summary(runs[name], system, shape, tokens_per_step)
+                    _report(results, p, command, out)
             shutil.rmtree(folder, ignore_errors=True)
         if size and all("error" not in r for n, r in results.items() if n.endswith(f"-{size}")):
             break  # the largest size that fits has been measured
 
 
+def _summary(runs: list[dict], system: str, p: dict, tokens_per_step: float) -> dict:
+    """A system's repeats: each kept, the medians of its timings as its figures."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    r = {k: v for k, v in ok[0].items() if k in ("losses", "peak_memory_gib")}
+    for key in ("mean_step_seconds", "cpu_seconds_per_step", "wall_seconds_per_step"):
+        r[key] = statistics.median(x[key] for x in ok)
+    r["tokens_per_second"] = tokens_per_step / r["mean_step_seconds"]
+    r["peak_memory_gib"] = max(x["peak_memory_gib"] for x in ok)
+    r |= {"parameters": _params(p), "tokens_per_step_counted": tokens_per_step, "baseline": SYSTEMS[system][3]}
+    return r | {"repeats": runs}
+
+
 def _report(results: dict, p: dict, command: str, out: Path) -> None:
-    first = next((r for r in results.values() if "error" not in r), {})
     lines = [
-        f"{'system':<26} {'params':>8} {'step s':>8} {'CPU s':>7} {'tokens/s':>9} {'peak GiB':>8} {'x first':>8} "
+        f"{'system':<26} {'params':>8} {'step s':>8} {'CPU s':>7} {'tokens/s':>9} {'peak GiB':>8} {'x base':>8} "
         f"{'CPU x':>6} {'1st loss':>8}"
     ]
     for name, r in results.items():
         if "error" in r:
             lines.append(f"{name:<26} failed: {r['error'][-300:]!r}")
             continue
-        ratio = r["mean_step_seconds"] / first["mean_step_seconds"]
-        cpu_ratio = r["cpu_seconds_per_step"] / first["cpu_seconds_per_step"]
+        base = results.get(r["baseline"] or name, r)
+        base = r if "error" in base else base
+        ratio = r["mean_step_seconds"] / base["mean_step_seconds"]
+        cpu_ratio = r["cpu_seconds_per_step"] / base["cpu_seconds_per_step"]
         lines.append(
             f"{name:<26} {r['parameters'] / 1e9:>7.2f}B {r['mean_step_seconds']:>8.3f} "
             f"{r['cpu_seconds_per_step']:>7.3f} {r['tokens_per_second']:>9.0f} {r['peak_memory_gib']:>8.2f} "
