@@ -47,10 +47,15 @@ SYSTEMS = {
     "1proc-1thread-fsdp": (1, 1, {"distributed": {"fsdp": "on"}}, "1proc-1thread"),
     "gpu-plain": (1, 0, {"distributed": {"fsdp": "off"}}, None),
     "gpu-fsdp": (1, 0, {"distributed": {"fsdp": "on"}}, "gpu-plain"),
+    # The largest model one GPU trains: weights, gradients and AdamW's state in CPU memory, activations recomputed.
     "gpu-fsdp-offload": (
         1,
         0,
-        {"distributed": {"fsdp": "on", "cpu_offload": True}, "model": {"dtype": "bf16"}},
+        {
+            "distributed": {"fsdp": "on", "cpu_offload": True},
+            "model": {"dtype": "bf16"},
+            "train": {"activation_checkpointing": True},
+        },
         None,
     ),
 }
@@ -74,34 +79,13 @@ def worker(args: argparse.Namespace) -> None:
     from dpokit.train import train
 
     p = json.loads(args.preset_json)
-    processes, threads, overrides, _ = SYSTEMS[args.worker]
+    threads, folder = SYSTEMS[args.worker][1], Path(args.folder)
     if threads:
         torch.set_num_threads(threads)
-    folder = Path(args.folder)
-    raw: dict = {
-        "model": {"path": str(folder / "model"), "dtype": p["dtype"]},
-        "data": {
-            "train_path": str(folder / "pairs.jsonl"),
-            "max_length": 4 * p["hi"],
-            "max_prompt_length": 2 * p["hi"],
-        },
-        "loss": {"name": "sigmoid", "beta": 0.1},
-        "train": {
-            "output_dir": str(folder / args.worker),
-            "batch_size": p["pairs"],
-            "micro_batch_size": p["pairs"],
-            "max_steps": p["warmup"] + p["steps"],
-            "lr": 1e-5,
-            "device": p["device"],
-            "layout": "packed",
-        },
-    }
-    for section, fields in overrides.items():
-        raw[section] = raw.get(section, {}) | fields
     if p["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stamps = _stamp_steps()
-    train(from_dict(raw))
+    train(from_dict(system_config(args.worker, p, folder)))
     rank = os.environ.get("RANK", "0")
     # Every process's CPU seconds (all its threads) at the end of each step: the others' go to files beside rank 0's.
     Path(f"{args.result}.cpu{rank}").write_text(json.dumps(stamps))
@@ -115,6 +99,31 @@ def worker(args: argparse.Namespace) -> None:
     else:
         result["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     Path(args.result).write_text(json.dumps(result))
+
+
+def system_config(system: str, p: dict, folder: Path) -> dict:
+    """The dpokit config (as a mapping) one system trains with on the workload in `folder`."""
+    raw: dict = {
+        "model": {"path": str(folder / "model"), "dtype": p["dtype"]},
+        "data": {
+            "train_path": str(folder / "pairs.jsonl"),
+            "max_length": 4 * p["hi"],
+            "max_prompt_length": 2 * p["hi"],
+        },
+        "loss": {"name": "sigmoid", "beta": 0.1},
+        "train": {
+            "output_dir": str(folder / system),
+            "batch_size": p["pairs"],
+            "micro_batch_size": p["pairs"],
+            "max_steps": p["warmup"] + p["steps"],
+            "lr": 1e-5,
+            "device": p["device"],
+            "layout": "packed",
+        },
+    }
+    for section, fields in SYSTEMS[system][2].items():
+        raw[section] = raw.get(section, {}) | fields
+    return raw
 
 
 def _stamp_steps() -> list[list[float]]:

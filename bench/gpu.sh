@@ -5,9 +5,13 @@
 #     PARTS="tests fastpath"  (the default, ~9.5 min) tests/test_gpu.py (FlexAttention training against the padded
 #                             path; FSDP2 at world size 1 with FlexAttention, and with CPU offload, against the
 #                             unwrapped step), then every system of bench_dpo.py's llama1b preset
-#     PARTS="fsdp fit"        (~8 min) bench_scale.py: the llama1b preset under FSDP2 at world size 1 against no
-#                             wrapping, then the largest Llama shape (8B, else 3B, else 1B) whose full-parameter DPO
-#                             step (bf16 weights, 8 pairs of U[64,512] tokens) fits one GPU with FSDP2 CPU offload
+#     PARTS="fsdp"            (~4 min) bench_scale.py: the llama1b preset under FSDP2 at world size 1 against no
+#                             wrapping (bench/results/llama1b-scale.json)
+#     PARTS="fit"             (~9 min, a call of its own) bench_scale.py: the largest Llama shape (8B, else 3B, else
+#                             1B; FIT_SIZES='["3b"]' to start lower) whose full-parameter DPO step (random init, bf16
+#                             weights, 8 pairs of U[64,512] tokens, reference copy, activation checkpointing) fits one
+#                             GPU with FSDP2 offloading parameters, gradients and optimizer state to CPU memory
+#                             (an 8B policy and its reference take ~32 GiB there, AdamW's state 32 GiB more)
 # Tables and JSON land in $OUT; the benches rewrite their JSON after every system, so a run cut short keeps what it
 # measured.
 set -uo pipefail
@@ -24,9 +28,10 @@ for part in $PARTS; do
         tests) timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt" ;;
         fastpath) timeout 420 python3 bench/bench_dpo.py --preset llama1b --out "$OUT/llama1b.json" "$@" 2>&1 \
             | tee "$OUT/log.txt" ;;
-        fsdp) timeout 180 python3 bench/bench_scale.py --preset llama1b --out "$OUT/llama1b-scale.json" 2>&1 \
+        fsdp) timeout 300 python3 bench/bench_scale.py --preset llama1b --out "$OUT/llama1b-scale.json" 2>&1 \
             | tee "$OUT/scale_log.txt" ;;
-        fit) timeout 360 python3 bench/bench_scale.py --preset fit --timeout 300 --out "$OUT/fit-scale.json" 2>&1 \
+        fit) free -g; timeout 570 python3 bench/bench_scale.py --preset fit --timeout 480 \
+            --overrides "{\"sizes\": ${FIT_SIZES:-[\"8b\", \"3b\", \"1b\"]}}" --out "$OUT/fit-scale.json" 2>&1 \
             | tee "$OUT/fit_log.txt" ;;
         *) echo "unknown part $part (tests, fastpath, fsdp, fit)" && exit 2 ;;
     esac
