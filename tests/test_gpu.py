@@ -100,6 +100,7 @@ def _compare_flex_with_padded(n: int, short: bool, empty_last: bool) -> None:
     assert max(errors.values()) <= 1e-4, errors
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("offload", [False, True])
 def test_fsdp2_flex_training_matches_the_unwrapped_step(offload: bool) -> None:
     """FSDP2 at world size 1 on the GPU (a process group of one): FlexAttention training through the wrapped
