@@ -311,7 +311,7 @@ def test_precomputed_reference_from_another_tokenizer_is_refused_before_loading(
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the cache was checked")
 
-    monkeypatch.setattr(importlib.import_module("dpokit.train"), "load_model", no_loading)
+    monkeypatch.setattr(importlib.import_module("dpokit.policy"), "load_model", no_loading)
     with pytest.raises(ReferenceMismatch, match="other tokenizer"):
         train(
             _config(

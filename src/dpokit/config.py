@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from dpokit.config_checks import build, check_fields, parse_yaml, read_yaml_file, suggest
+from dpokit.config_checks import build, check_combinations, check_fields, parse_yaml, read_yaml_file, suggest
 from dpokit.errors import ConfigError
 from dpokit.losses import LOSSES
 
@@ -327,27 +327,7 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
-        name, mode = self.loss.name, self.reference.mode
-        if (self.model.head == "score") != (name == "bradley_terry"):
-            raise ConfigError(
-                f"model.head={self.model.head} with loss.name={name}: a reward model (model.head=score) trains with "
-                "loss.name=bradley_terry, and bradley_terry trains reward models only (use `dpokit rm`)"
-            )
-        if self.model.head == "score" and self.train.layout == "packed":
-            raise ConfigError("model.head=score trains with train.layout=padded (or auto)")
-        if LOSSES[name].reference == "unused" and mode != "none":
-            raise ConfigError(f"loss.name={name} trains without a reference: set reference.mode=none")
-        if LOSSES[name].reference == "required" and mode == "none":
-            free = [n for n, spec in LOSSES.items() if spec.reference != "required"]
-            raise ConfigError(
-                f"reference.mode=none (reference-free) is defined for loss.name={', '.join(free)} only; "
-                f"loss.name={name} needs a reference (reference.mode=copy, path or precomputed)"
-            )
-        if self.train.eval_every and not (self.data.eval_path or self.data.eval_fraction):
-            raise ConfigError(
-                f"train.eval_every={self.train.eval_every} but there is no held-out data: set data.eval_path or "
-                "data.eval_fraction, or train.eval_every=0"
-            )
+        check_combinations(self)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

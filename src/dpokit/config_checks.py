@@ -3,7 +3,8 @@ the YAML file itself (readable, UTF-8, not empty, no key given twice), and each 
 (`build`: raw mapping -> dataclass, with a did-you-mean for unknown keys and choices).
 
 `BOUNDS` is the one table of numeric ranges; `config.py`'s dataclasses call `check_fields` from `__post_init__`, so a
-config built from YAML, from overrides or in Python is checked alike. Rules between fields stay in `config.py`.
+config built from YAML, from overrides or in Python is checked alike. Rules between the fields of one section stay
+in `config.py`; rules between sections are `check_combinations`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from typing import Any, Literal
 import yaml
 
 from dpokit.errors import ConfigError
+from dpokit.losses import LOSSES
+
+if typing.TYPE_CHECKING:
+    from dpokit.config import RunConfig
 
 INT_LIMIT = 2**63 - 1
 """The largest integer any field takes: torch keeps steps, sizes and seeds in 64-bit integers."""
@@ -285,3 +290,28 @@ def build(cls: Any, raw: Any, where: str) -> Any:
         else:
             kwargs[key] = coerce(value, tp, path)
     return cls(**kwargs)
+
+
+def check_combinations(config: RunConfig) -> None:
+    """Rules between sections of a `RunConfig` (each section checks its own fields and their combinations)."""
+    name, mode = config.loss.name, config.reference.mode
+    if (config.model.head == "score") != (name == "bradley_terry"):
+        raise ConfigError(
+            f"model.head={config.model.head} with loss.name={name}: a reward model (model.head=score) trains with "
+            "loss.name=bradley_terry, and bradley_terry trains reward models only (use `dpokit rm`)"
+        )
+    if config.model.head == "score" and config.train.layout == "packed":
+        raise ConfigError("model.head=score trains with train.layout=padded (or auto)")
+    if LOSSES[name].reference == "unused" and mode != "none":
+        raise ConfigError(f"loss.name={name} trains without a reference: set reference.mode=none")
+    if LOSSES[name].reference == "required" and mode == "none":
+        free = [n for n, spec in LOSSES.items() if spec.reference != "required"]
+        raise ConfigError(
+            f"reference.mode=none (reference-free) is defined for loss.name={', '.join(free)} only; "
+            f"loss.name={name} needs a reference (reference.mode=copy, path or precomputed)"
+        )
+    if config.train.eval_every and not (config.data.eval_path or config.data.eval_fraction):
+        raise ConfigError(
+            f"train.eval_every={config.train.eval_every} but there is no held-out data: set data.eval_path or "
+            "data.eval_fraction, or train.eval_every=0"
+        )

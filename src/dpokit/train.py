@@ -30,21 +30,19 @@ from tqdm.auto import tqdm
 from dpokit import distributed, tracking
 from dpokit import resume as resume_checks
 from dpokit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_model, step_folders
-from dpokit.compat import check_policy, check_reference_tokenizer
 from dpokit.config import ConfigError, RunConfig, save_config, to_dict
 from dpokit.data.batching import AnyBatch, Collate, batches_in_order, collate_for, step_examples
 from dpokit.data.prepare import PreparedData, prepare_data
 from dpokit.data.report import DataError
-from dpokit.device import autocast_for, check_attention, out_of_resources, pick_device, seed_everything, uses_bf16
+from dpokit.device import autocast_for, check_attention, out_of_resources, pick_device, seed_everything
 from dpokit.errors import UserError
 from dpokit.logprobs import LogpsModel
-from dpokit.lora import apply_lora
 from dpokit.losses import LOSSES, compute_loss
 from dpokit.metrics import MetricsLog, Stats, averaged, to_host
-from dpokit.model import DTYPES, compile_layers, compiler_memory_budget, load_model, load_tokenizer
+from dpokit.model import compiler_memory_budget, load_tokenizer
 from dpokit.optim import make_optimizer, make_scheduler
-from dpokit.reference import ReferenceFn, cache_parts, check_cache, make_reference, tokenizer_digest, weights_digest
-from dpokit.rm import load_reward_model, reward_logps
+from dpokit.policy import load_models
+from dpokit.reference import ReferenceFn
 from dpokit.runfolder import RunFolder, claim
 
 
@@ -331,56 +329,6 @@ def set_up(config: RunConfig, folder: RunFolder, resume: bool, device: torch.dev
     if main:
         save_config(config, out / "config.yaml")
     return run
-
-
-def load_models(
-    config: RunConfig, device: torch.device, tokenizer: Any, data: PreparedData
-) -> tuple[LogpsModel, ReferenceFn]:
-    """The policy on `device` (sharded with FSDP2 when the run uses it), and the reference as a function
-    (batch, split) -> log-probs. A precomputed reference cache is checked against the tokenizer and data before any
-    weights load; the weights digest is added after."""
-    data_parts: dict[str, str] = {}
-    if config.reference.mode == "precomputed":
-        data_parts = cache_parts(None, tokenizer_digest(tokenizer), data.train, data.eval, config)
-        check_cache(str(config.reference.cache), data_parts)
-    if config.reference.mode == "path":
-        check_reference_tokenizer(config, tokenizer_digest(tokenizer))
-    dtype = DTYPES[config.model.dtype]
-    m = config.model
-    if m.lora is not None and distributed.use_fsdp(config.distributed, device):
-        raise ConfigError(
-            "model.lora trains in one process for now: FSDP (several processes, or distributed.fsdp=on) does not "
-            "shard adapters yet; launch one process, or train all weights"
-        )
-    if m.head == "score":
-        lm = load_reward_model(m.path, m.dtype, m.attn_implementation)[0]
-    else:
-        lm = load_model(m.path, m.gguf_file, m.attn_implementation, dtype, m.revision)
-    check_policy(config, tokenizer, lm, m.path)
-    lm.config.use_cache = False
-    if m.lora is not None:  # adapters on the frozen model; π_ref (mode copy) is the same model with them disabled
-        lm = apply_lora(lm, m.lora, m.path, m.revision)
-
-    def reference_parts() -> dict[str, str]:
-        # The weights digest of the model precompute-ref scored with: the initial policy, or reference.path.
-        reference = lm if config.reference.path is None else load_model(config.reference.path, dtype=dtype)
-        return data_parts | {"weights": weights_digest(reference)}
-
-    reference_logps, reference = make_reference(config, lm, reference_parts, device)
-    if config.train.activation_checkpointing:  # after the reference copy, which never runs backward
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.train.compile:  # before sharding, as torchtune does (compiling FSDP2-wrapped layers aborted here)
-        compile_layers(lm)
-        if reference is not None:
-            compile_layers(reference.lm)
-    # Sharded (or moved) last, from the whole weights each process loaded on the CPU.
-    bf16 = uses_bf16(config.train.precision, device)
-    if reference is not None:
-        distributed.place(reference, device, config.distributed, frozen=True, bf16=bf16)
-    # A reward model's scalar rewards stand where a policy's log-probs go (loss bradley_terry).
-    policy = LogpsModel(lm, config.train.logits_chunk, reward_logps if m.head == "score" else None)
-    distributed.place(policy, device, config.distributed, frozen=False, bf16=bf16)
-    return policy, reference_logps
 
 
 def finish(
