@@ -145,6 +145,19 @@ def test_precompute_ref_with_two_processes_writes_the_same_cache(runs: dict[str,
         assert a.metadata() == b.metadata() and any(k.startswith("digest/") for k in a.metadata())
 
 
+def test_generate_with_two_processes_writes_what_one_writes(setting: dict, tmp_path: Path) -> None:
+    """`torchrun -m dpokit generate`: each process samples its share of the prompts and process 0 merges them. Per-row
+    seeds: the samples do not depend on which process drew them; the file is in data order; no part file is left."""
+    argv = ["generate", str(setting["data"]), "--model", str(setting["model"]), "-n", "2", "--limit", "7"]
+    argv += ["--max-new-tokens", "6", "--max-length", "64", "--max-prompt-length", "32", "--seed", "3"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert main([*argv, "--out", str(one)]) == 0
+    _launch(_torchrun("-m", "dpokit", *argv, "--out", str(two)), timeout=180)
+    lines = one.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 14 and two.read_text(encoding="utf-8").splitlines() == lines
+    assert not list(tmp_path.glob("two.jsonl.rank*"))
+
+
 def test_a_one_process_checkpoint_resumes_with_two(runs: dict[str, Path]) -> None:
     summary = json.loads((runs["1to2"] / "summary.json").read_text())
     assert summary["resumed_from_step"] == 4 and summary["world_size"] == 2  # continued, not started over

@@ -122,24 +122,29 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from dpokit.eval.samples import generate_file
+    from dpokit import distributed
+    from dpokit.config import DistributedConfig
+    from dpokit.eval.samples import generate_file, sample_device
     from dpokit.generate import Sampling
 
     try:
         sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens)
     except ValueError as e:
         raise UserError(f"dpokit generate: {e}") from e
-    out = generate_file(
-        args.model,
-        data_settings(args, args.data),
-        Path(args.out),
-        sampling,
-        args.samples,
-        args.seed,
-        args.batch_size,
-        args.limit,
-    )
-    print(f"wrote {out}")
+    # Under torchrun each process samples its share of the prompts and process 0 merges the shares (samples.py).
+    with distributed.process_group(sample_device(), DistributedConfig().timeout_s):
+        out = generate_file(
+            args.model,
+            data_settings(args, args.data),
+            Path(args.out),
+            sampling,
+            args.samples,
+            args.seed,
+            args.batch_size,
+            args.limit,
+        )
+    if distributed.is_main():
+        print(f"wrote {out}")
     return 0
 
 

@@ -113,7 +113,7 @@ def generate_file(
     if mine:
         _cut_torn_line(part)
         model = model if model is not None else load_model(model_path)
-        model.to(_device())
+        model.to(sample_device())
         meta = {"model": model_path, "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": seed}
         with (
             part.open("a", encoding="utf-8") as f,
@@ -175,7 +175,8 @@ def _parts(out: Path) -> list[Path]:
     return [out, *sorted(out.parent.glob(out.name + ".rank*-of-*"))]
 
 
-def _device() -> Any:
+def sample_device() -> Any:
+    """The GPU of this process (LOCAL_RANK's under torchrun) when there is one, else the CPU."""
     import torch
 
     if torch.cuda.is_available():
