@@ -86,6 +86,7 @@ METHOD_STYLE = {
     "Best-of-N": ("tab:purple", "D"),
     "SFT": ("black", "*"),
     "PPO": ("tab:orange", "v"),
+    "PPO-GT": ("tab:brown", "P"),
 }
 
 
@@ -128,6 +129,44 @@ def dominance(
     return verdicts
 
 
+KL_EDGES = (0.0, 2.0, 5.0, 10.0, 20.0, math.inf)
+"""Edges of the KL ranges of `compare_by_kl` (nats per sample)."""
+
+
+def compare_by_kl(
+    results: Sequence[dict[str, Any]], first: str, second: str, edges: Sequence[float] = KL_EDGES
+) -> list[dict[str, Any]]:
+    """Who is ahead in each KL range [lo, hi): each method's best reward among its points in the range, per seed,
+    then the mean over the seeds both methods have a point for, with the standard error of each mean from the
+    points' own standard errors (evaluation noise; seed-to-seed spread shows in the per-seed values). `ahead` names
+    the method whose mean is higher by more than two standard errors of the difference, else "neither"; None when a
+    method has no point in the range for any seed."""
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        best: dict[str, dict[int, dict[str, Any]]] = {first: {}, second: {}}
+        for r in results:
+            if r["method"] in best and lo <= r["kl"] < hi:
+                current = best[r["method"]].get(r["seed"])
+                if current is None or r["reward"] > current["reward"]:
+                    best[r["method"]][r["seed"]] = r
+        seeds = sorted(set(best[first]) & set(best[second]))
+        row: dict[str, Any] = {"kl_low": lo, "kl_high": hi, "seeds": seeds, "ahead": None}
+        for name in (first, second):
+            points = [best[name][seed] for seed in seeds]
+            row[name] = [p["reward"] for p in points]
+            row[f"{name}_mean"] = sum(row[name]) / len(points) if points else None
+            row[f"{name}_se"] = (
+                math.sqrt(sum(p.get("reward_se", 0.0) ** 2 for p in points)) / len(points) if points else None
+            )
+        if seeds:
+            gap = row[f"{first}_mean"] - row[f"{second}_mean"]
+            se = math.hypot(row[f"{first}_se"], row[f"{second}_se"])
+            row |= {"gap": gap, "gap_se": se}
+            row["ahead"] = first if gap > 2 * se else second if gap < -2 * se else "neither"
+        rows.append(row)
+    return rows
+
+
 def plot_frontier(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -153,7 +192,7 @@ def plot_frontier(results: Sequence[dict[str, Any]], path: Path, title: str) -> 
             linewidths=0.5,
             zorder=3,
         )
-        if method in ("DPO", "Best-of-N"):
+        if method in ("DPO", "Best-of-N", "PPO", "PPO-GT"):
             frontier = upper_frontier(points)
             ax.plot([p[0] for p in frontier], [p[1] for p in frontier], c=color, alpha=0.6, lw=1.5, zorder=2)
     ax.set_xlabel("KL(π ‖ π_ref)  (nats per sample, estimated on policy samples)")
