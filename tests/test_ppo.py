@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from dpokit import ppo
-from dpokit.ppo_train import PolicyWithValue, PPOConfig, make_rollout, ppo_step, ppo_train, score_tokens
+from dpokit.ppo_train import (
+    PolicyWithValue,
+    PPOConfig,
+    make_rollout,
+    normalized,
+    ppo_step,
+    ppo_train,
+    reward_model_reward,
+    score_tokens,
+)
+from tests.test_rm import yes_rm  # noqa: F401 (the fixture)
 
 
 def test_gae_by_hand() -> None:
@@ -174,3 +184,32 @@ def test_ppo_train_writes_a_loadable_policy(tiny_model: Path, tmp_path: Path) ->
     assert [r["step"] for r in rows] == [1, 2, 3] and stats["objective/kl_coef"] == rows[-1]["objective/kl_coef"]
     assert load_model(str(tmp_path / "run" / "final")) is not None
     assert (tmp_path / "run" / "snapshots" / "update-2" / "value_head.pt").exists()
+
+
+def test_normalized_reward_by_hand() -> None:
+    """Scores of the reference samples (1, 2, 3, 6): mean 3, population std √3.5, so a later 10 maps to
+    (10 − 3)/√3.5 = 3.7417 and the samples themselves to mean 0, std 1."""
+
+    def reward(prompts: list, completions: list) -> list[float]:
+        return [float(sum(c)) for c in completions]
+
+    samples = [[1], [2], [3], [4, 2]]
+    scaled = normalized(reward, [[0]] * 4, samples)
+    out = scaled([[0]] * 4, samples)
+    assert out.mean() == pytest.approx(0.0) and out.std() == pytest.approx(1.0)
+    assert scaled([[0]], [[10]])[0] == pytest.approx(7 / math.sqrt(3.5))
+
+
+def test_reward_model_reward_scores_token_ids_as_training_tokenized_them(yes_rm: Path) -> None:  # noqa: F811
+    """The reward-model reward on token ids gives what `score_texts` gives the same rows as text, and it ranks
+    " yes" (chosen in training) above " no"."""
+    from dpokit.data.tokenize import encode_text
+    from dpokit.rm import load_reward_model, score_texts
+
+    model, tokenizer = load_reward_model(str(yes_rm / "final"))
+    prompts = [f"\n\nHuman: Is {i} a number?\n\nAssistant:" for i in (200, 201)]
+    answers = [" yes", " no"]
+    ids = [encode_text(tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
+    scores = reward_model_reward(yes_rm / "final")([p for p, _ in ids], [c for _, c in ids])
+    assert scores == pytest.approx(score_texts(model, tokenizer, prompts, answers), abs=1e-6)
+    assert scores[0] > scores[1]

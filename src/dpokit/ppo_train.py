@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from dpokit.data.collate import collate
 from dpokit.data.tokenize import TokenizedExample
 from dpokit.generate import sample
 from dpokit.logprobs import token_logps
+from dpokit.metrics import MetricsLog
 from dpokit.model import load_model, load_tokenizer
 
 Prompt = Sequence[int]
@@ -57,6 +59,33 @@ def text_reward(tokenizer: Any, score_texts: Callable[[list[str]], Any]) -> Rewa
         return score_texts(texts)
 
     return reward
+
+
+def reward_model_reward(path: str | Path, batch_size: int = 128) -> RewardFn:
+    """A Bradley-Terry reward model (a `dpokit rm` folder) as a reward function on token ids."""
+    from dpokit.rm import load_reward_model, score_examples
+
+    model, tokenizer = load_reward_model(str(path))
+
+    def reward(prompts: Sequence[Prompt], completions: Sequence[Sequence[int]]) -> list[float]:
+        examples = [TokenizedExample(tuple(p), (tuple(c),), "") for p, c in zip(prompts, completions, strict=True)]
+        return score_examples(model, examples, tokenizer.pad_token_id, batch_size)
+
+    return reward
+
+
+def normalized(reward: RewardFn, prompts: Sequence[Prompt], completions: Sequence[Sequence[int]]) -> RewardFn:
+    """`reward` mapped affinely so that these samples (π_ref's) score mean 0 and standard deviation 1: Ziegler et
+    al.'s reward normalisation, which puts a learned reward and the ground truth on one scale, so that one KL
+    coefficient means the same for both."""
+    raw = np.asarray(reward(prompts, completions), dtype=np.float64)
+    gain = 1.0 / (raw.std() + 1e-8)
+    bias = -gain * raw.mean()
+
+    def scaled(p: Sequence[Prompt], c: Sequence[Sequence[int]]) -> Any:
+        return gain * np.asarray(reward(p, c), dtype=np.float64) + bias
+
+    return scaled
 
 
 @dataclass(frozen=True)
@@ -171,8 +200,6 @@ def ppo_train(
     """Train `policy_path` (π_ref too, unless `reference_path` is given) with PPO on `prompts` against `reward`.
     Writes config.yaml, metrics.jsonl, snapshots/update-N/ at `config.save_at` and final/ (Hugging Face folders
     with the value head beside the weights); returns the last iteration's statistics."""
-    from dpokit.train import MetricsLog
-
     c = config
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,6 +216,7 @@ def ppo_train(
     log = MetricsLog(out, 0)
     stats: dict[str, float] = {}
     for update in range(c.updates):
+        started = time.perf_counter()
         picks = [order[(update * c.rollout_batch + i) % len(order)] for i in range(c.rollout_batch)]
         batch_prompts = [prompts[i] for i in picks]
         completions = [
@@ -196,7 +224,9 @@ def ppo_train(
         ]
         rollout = make_rollout(batch_prompts, completions, tokenizer.pad_token_id)
         scores = torch.as_tensor(np.asarray(reward(batch_prompts, completions), dtype=np.float32))
+        sampled = time.perf_counter()
         stats = ppo_step(model, reference, optimizer, rollout, scores, controller, c)
+        stats |= {"time/rollout_seconds": sampled - started, "time/step_seconds": time.perf_counter() - started}
         scheduler.step()
         stats["objective/kl_coef"] = controller.update(stats["objective/kl"], c.rollout_batch)
         stats["lr"] = float(scheduler.get_last_lr()[0])
