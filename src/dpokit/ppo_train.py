@@ -38,7 +38,7 @@ from torch import Tensor
 from dpokit import ppo
 from dpokit.data.collate import collate
 from dpokit.data.tokenize import TokenizedExample
-from dpokit.generate import sample
+from dpokit.generate import Sampling, generate
 from dpokit.logprobs import token_logps
 from dpokit.metrics import MetricsLog
 from dpokit.model import load_model, load_tokenizer
@@ -213,15 +213,16 @@ def ppo_train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - i / c.updates)
     controller = ppo.KLController(c.kl_coef, c.target_kl, c.kl_horizon)
     order = np.random.default_rng(c.seed).permutation(len(prompts)).tolist()
+    sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=c.max_new_tokens)
     log = MetricsLog(out, 0)
     stats: dict[str, float] = {}
     for update in range(c.updates):
         started = time.perf_counter()
         picks = [order[(update * c.rollout_batch + i) % len(order)] for i in range(c.rollout_batch)]
         batch_prompts = [prompts[i] for i in picks]
-        completions = [
-            g[0] for g in sample(model.lm, batch_prompts, 1, c.max_new_tokens, tokenizer.eos_token_id, c.seed + update)
-        ]
+        keys = [f"{update}/{i}" for i in range(c.rollout_batch)]
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        completions = generate(model.lm, batch_prompts, keys, sampling, eos, pad, c.seed, batch_size=c.rollout_batch)
         rollout = make_rollout(batch_prompts, completions, tokenizer.pad_token_id)
         scores = torch.as_tensor(np.asarray(reward(batch_prompts, completions), dtype=np.float32))
         sampled = time.perf_counter()
