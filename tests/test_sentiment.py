@@ -11,32 +11,38 @@ from dpokit.experiments.sentiment import Demo
 from dpokit.experiments.sentiment_setup import QUICK, Design, Sizes
 from dpokit.experiments.stages import digest, run_stage
 
-METHODS = ("DPO", "Preferred-FT", "Unlikelihood")
+PREFERENCE = ("DPO", "Preferred-FT", "Unlikelihood")
+PPO = ("PPO-GT", "PPO")  # PPO-GT first: a PPO-GT stage name also starts with "PPO-"
+METHODS = PREFERENCE + PPO
 # The science, written down apart from the code: the stages (or groups of runs) that read each setting directly.
-# "judge" is π_SFT + reward + held-out prompts and sampling, which every evaluated stage reads; "runs" is every method.
+# "judge" is π_SFT + reward + held-out prompts and sampling, which every evaluated stage reads; "runs" is every
+# preference method (trained on the pairs by dpokit's loop).
 READS = {
     "vocab_size": {"tokenizer"},
     **dict.fromkeys(["hidden_size", "layers", "heads", "review_tokens", "sft_epochs", "sft_lr"], {"sft"}),
     "train_prompts": {"pairs"},
     "eval_prompts": {"judge"},
     "eval_samples": {"judge"},
-    "new_tokens": {"pairs", "judge", "runs"},
+    "new_tokens": {"pairs", "judge", "runs", "reward_model", *PPO},
     "betas": {"DPO"},
     "unlikelihood_alphas": {"Unlikelihood"},
     "best_of": {"reference"},
     **dict.fromkeys(["pref_epochs", "pref_lr", "pref_batch", "checkpoints"], {"runs"}),
+    **dict.fromkeys(["ppo_target_kls", "ppo_updates", "ppo_rollout_batch", "ppo_snapshots"], set(PPO)),
     # Design
     "train_reviews": {"tokenizer", "reward", "facts"},
     "perplexity_reviews": {"sft"},
     "eval_offset": {"judge"},
     "prefix_tokens": {"pairs", "judge"},
     "samples_per_prompt": {"pairs"},
-    "build_seed": {"sft", "reward"},
+    "build_seed": {"sft", "reward", "reward_model"},
     "pair_prompt_seed": {"pairs"},
     "pair_sample_seed": {"pairs"},
     "eval_prompt_seed": {"judge"},
     "eval_sample_seed": {"judge"},
     "best_of_seed": {"reference"},
+    **dict.fromkeys(["rm_epochs", "rm_lr", "rm_heldout"], {"reward_model"}),
+    **dict.fromkeys(["ppo_epochs", "ppo_lr", "ppo_kl_gain", "ppo_normalize_samples", "ppo_normalize_seed"], set(PPO)),
     # Data
     "reviews": {"tokenizer", "reward", "facts"},
     "vader": {"facts"},
@@ -45,9 +51,10 @@ AFTER = {
     "tokenizer": {"sft"},
     "sft": {"pairs", "judge"},
     "reward": {"pairs", "judge"},
-    "pairs": {"runs", "facts"},
-    "judge": {"runs", "reference"},
-    "runs": set(METHODS),
+    "pairs": {"runs", "facts", "reward_model", *PPO},
+    "judge": {"runs", "reference", *PPO},
+    "reward_model": {"PPO", "facts"},
+    "runs": set(PREFERENCE),
 }
 
 

@@ -216,11 +216,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_training_commands(sub, debug)
     _add_data_commands(sub, debug)
     p = sub.add_parser(
-        "demo", help="the paper's controlled-sentiment experiment (IMDb): reward/KL frontier of DPO", parents=[debug]
+        "demo",
+        help="the paper's controlled-sentiment experiment (IMDb): reward/KL frontier of DPO, PPO and the baselines",
+        parents=[debug],
     )
-    p.add_argument("--quick", action="store_true", help="a smaller version (under a minute on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="a smaller version (under 2 minutes on 2 cores)")
     p.add_argument("--out", help="output folder (default runs/demo or runs/demo-quick); stages are cached there")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0 1; --quick: 0)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="processes for the training runs (default: one per CPU core)"
+    )
     p.add_argument(
         "--imdb",
         help="movie_review.jsonl.gz or a Hub data set id (default: stanfordnlp/imdb from the Hub when reachable, "
@@ -311,7 +316,7 @@ def _run(args: argparse.Namespace) -> int:
 
         out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
         seeds = tuple(args.seeds or ((0,) if args.quick else (0, 1)))
-        sentiment.run_demo(out, args.quick, seeds, args.imdb, args.vader)
+        sentiment.run_demo(out, args.quick, seeds, args.imdb, args.vader, args.workers)
         print(f"wrote {out}/frontier.png, results.json, results.csv, report.md")
         return 0
     if args.command == "validate":

@@ -7,16 +7,21 @@ size or seed rebuilds the stages that read it and those after them):
 1. tokenizer   BPE trained on the training reviews (0–3999)
 2. sft         π_SFT: a small Llama trained by dpokit on the training reviews (held-out perplexity reported)
 3. reward      the ground truth: p(positive) of a TF-IDF + logistic-regression classifier on the training reviews
-4. samples     4 samples from π_SFT for each training prompt (prefixes of reviews 4000–4799)
+4. samples     4 samples from π_SFT for each pair prompt (prefixes of reviews 4000–4799)
 5. pairs       all 6 pairs of each prompt's samples, ordered by the reward; ties dropped and counted
 6. methods     DPO over several β, Preferred-FT, Unlikelihood (all trained by dpokit, evaluated at several
-               checkpoints), Best-of-N and SFT; PPO has its place in `Demo.methods` and comes in its own issue
-7. evaluation  on held-out prompts (prefixes of reviews 4800–4999): mean reward and KL(π ‖ π_SFT) of each policy's
+               checkpoints), Best-of-N and SFT
+7. PPO         a Bradley-Terry reward model trained on the pairs (`dpokit rm`), then PPO against it and PPO-GT
+               against the ground truth at several target KLs, evaluated at snapshots (sentiment_ppo.py)
+8. evaluation  on held-out prompts (prefixes of reviews 4800–4999): mean reward and KL(π ‖ π_SFT) of each policy's
                own samples; frontier.png, results.json, results.csv, report.md
+
+Stages 6 and 7 are independent runs, spread over worker processes of one thread each (workers.py).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -28,15 +33,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dpokit.config import from_dict
 from dpokit.eval.frontier import best_of_n, evaluate_policy
 from dpokit.experiments.demo_data import DemoData, find_demo_data
 from dpokit.experiments.reward import SentimentReward
+from dpokit.experiments.sentiment_ppo import (
+    build_reward_model,
+    ppo_runs,
+    ppo_stage_settings,
+    reward_model_facts,
+    run_ppo,
+)
 from dpokit.experiments.sentiment_report import write_outputs
 from dpokit.experiments.sentiment_setup import QUICK, Design, Method, Sizes, method_recipe, sft_recipe
 from dpokit.experiments.stages import digest, file_digest, run_stage
+from dpokit.experiments.workers import Job, Workers, default_workers, one_thread
 from dpokit.generate import sample
 from dpokit.model import init_model, load_model, load_tokenizer, train_tokenizer
 
@@ -129,9 +141,15 @@ class Demo:
             "prompts": [d.eval_offset, s.eval_prompts, d.prefix_tokens, d.eval_prompt_seed],
             "samples": [s.eval_samples, s.new_tokens, d.eval_sample_seed],
         }
+        stages |= ppo_stage_settings(s, d, digest(stages["pairs"]), digest(judge), self.seeds)
         vader = self.data.vader and file_digest(self.data.vader)
         # facts.json records the sizes, so every size is in its key
-        stages["facts"] = reviews | {"vader": vader, "sizes": asdict(s), "pairs": digest(stages["pairs"])}
+        stages["facts"] = reviews | {
+            "vader": vader,
+            "sizes": asdict(s),
+            "pairs": digest(stages["pairs"]),
+            "reward_model": digest(stages["reward_model"]),
+        }
         for seed in self.seeds:
             stages[f"reference-seed{seed}"] = {
                 "judge": digest(judge),
@@ -323,6 +341,7 @@ class Demo:
                 ),
                 "reward_vader_pearson": pearson,
                 "pairs": json.loads((self.out / "data" / "pairs_counts.json").read_text()),
+                "reward_model": reward_model_facts(self.out),
                 "sizes": asdict(self.sizes),
             }
             path.write_text(json.dumps(facts, indent=2))
@@ -331,26 +350,65 @@ class Demo:
         return dict(json.loads(path.read_text()))
 
     # --- the whole demo -----------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def jobs(self) -> list[Job]:
+        """The independent stages after the pairs, longest first within their kind, in an order that one worker
+        can run them in (the reward model before PPO); results are reported in `results_order`."""
+        seeds = self.seeds
+        methods = [Job("method", seed, index=i) for i in range(len(self.methods())) for seed in seeds]
+        ppo = [
+            Job("ppo", seed, method=m, target=t, after="reward_model")
+            for m, t in ppo_runs(self.sizes)
+            for seed in seeds
+        ]
+        return [Job("reward_model"), *methods, *ppo, *(Job("reference", seed) for seed in seeds)]
+
+    def run_job(self, judge: Judge | None, job: Job) -> list[dict]:
+        """A stage handed to a worker (`judge` is None only for the reward classifier, which comes before it)."""
+        if job.kind == "reward":
+            self.build_reward()
+            return []
+        assert judge is not None
+        if job.kind == "reference":
+            return self.reference_points(judge, job.seed)
+        if job.kind == "method":
+            return self.run_method(judge, self.methods()[job.index], job.seed)
+        if job.kind == "ppo":
+            return run_ppo(self, judge, job.method, job.target, job.seed)
+        build_reward_model(self)
+        return []
+
+    def run(self, workers: int = 1) -> dict[str, Any]:
+        """Every stage, the independent ones spread over `workers` processes; PyTorch at one thread per process."""
         started = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.build_tokenizer()
-        self.build_sft()
-        self.build_reward()
-        judge = self.load_judge()
-        self.build_pairs(judge)
-        results: list[dict] = []
-        for seed in tqdm(self.seeds, desc="seeds"):
-            results += self.reference_points(judge, seed)
-            for method in self.methods():
-                results += self.run_method(judge, method, seed)
+        make_demo = functools.partial(Demo, self.out, self.sizes, self.seeds, self.data, self.design)
+        with one_thread(), Workers(workers, make_demo, self) as pool:
+            self.build_tokenizer()
+            reward = pool.submit(Job("reward"))  # the classifier is fitted beside π_SFT's training
+            self.build_sft()
+            reward.result()
+            judge = self.load_judge()
+            self.build_pairs(judge)
+            jobs = self.jobs()
+            points = pool.run_all(jobs)
+        # Per seed: SFT and Best-of-N, the preference methods, PPO-GT, PPO (the order of the tables).
+        kinds = {"reference": 0, "method": 1, "ppo": 2}
+        ordered = sorted((j for j in jobs if j.kind in kinds), key=lambda j: (j.seed, kinds[j.kind], j.index))
+        results = [p for job in ordered for p in points[job]]
         facts = self.facts(judge)
         write_outputs(self.out, results, facts, len(self.seeds), time.perf_counter() - started)
         return {"results": results, "facts": facts}
 
 
 def run_demo(
-    out: Path, quick: bool, seeds: tuple[int, ...], imdb: str | None = None, vader: str | None = None
+    out: Path,
+    quick: bool,
+    seeds: tuple[int, ...],
+    imdb: str | None = None,
+    vader: str | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """The demo, with its data found as `find_demo_data` says (before anything is written)."""
-    return Demo(out, QUICK if quick else Sizes(), seeds, find_demo_data(imdb, vader)).run()
+    """The demo, with its data found as `find_demo_data` says (before anything is written); the runs spread over
+    `workers` processes (default: one per core)."""
+    demo = Demo(out, QUICK if quick else Sizes(), seeds, find_demo_data(imdb, vader))
+    return demo.run(workers or default_workers())

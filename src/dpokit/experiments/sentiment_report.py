@@ -8,7 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dpokit.eval.frontier import dominance, plot_frontier
+from dpokit.eval.frontier import compare_by_kl, dominance, plot_frontier
+
+BASELINES = ("Preferred-FT", "Unlikelihood", "SFT", "PPO", "PPO-GT")
+"""The points the frontier check holds DPO's frontier against."""
 
 CSV_FIELDS = ["method", "setting", "step", "seed", "reward", "reward_se", "kl", "samples"]
 
@@ -26,7 +29,7 @@ def write_outputs(out: Path, results: list[dict], facts: dict[str, Any], seeds: 
 
 
 def report(results: list[dict], facts: dict[str, Any], seconds: float) -> str:
-    verdicts = dominance(results)
+    verdicts = dominance(results, baselines=BASELINES)
     checked = [v for v in verdicts if v["dominated"] is not None]
     beaten = [v for v in checked if not v["dominated"]]
     lines = [
@@ -42,7 +45,10 @@ def report(results: list[dict], facts: dict[str, Any], seconds: float) -> str:
             else "agreement with human ratings not measured (no VADER snippets file; pass --vader). "
         )
         + f"Pairs: {facts['pairs']['pairs']} from {facts['pairs']['prompts']} prompts "
-        f"({facts['pairs']['ties_dropped']} ties dropped). Runtime {seconds:.0f}s.",
+        f"({facts['pairs']['ties_dropped']} ties dropped). PPO's reward model (Bradley-Terry on π_SFT's backbone, "
+        f"trained on {facts['reward_model']['train_pairs']} of the pairs): held-out pairwise accuracy "
+        f"{facts['reward_model']['heldout_accuracy']:.3f} on {facts['reward_model']['heldout_pairs']} pairs. "
+        f"Runtime {seconds:.0f}s.",
         "",
         "| method | setting | seed | step | reward | KL |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -59,7 +65,7 @@ def report(results: list[dict], facts: dict[str, Any], seconds: float) -> str:
         ]
         best = {
             m: max((r["reward"] for r in results if r["method"] == m and r["seed"] == seed), default=float("nan"))
-            for m in ("DPO", "Preferred-FT", "Unlikelihood", "Best-of-N")
+            for m in ("DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood", "Best-of-N")
         }
         dpo_text = f"DPO β=0.1 final {dpo01[-1]:.3f} ({dpo01[-1] - sft:+.3f})" if dpo01 else "no DPO β=0.1 run"
         lines.append(
@@ -68,7 +74,7 @@ def report(results: list[dict], facts: dict[str, Any], seconds: float) -> str:
         )
     noisy = [v for v in beaten if v["within_noise"]]
     lines.append(
-        f"- Frontier check: at the KL of each of the {len(verdicts)} Preferred-FT, Unlikelihood and SFT points, DPO's "
+        f"- Frontier check: at the KL of each of the {len(verdicts)} {', '.join(BASELINES)} points, DPO's "
         f"best reward at that KL or less is at least the baseline's for {len(checked) - len(beaten)} of "
         f"{len(checked)} points ({len(verdicts) - len(checked)} lie below every DPO point's KL: not comparable); "
         f"{len(noisy)} of the other {len(beaten)} are within two standard errors of the baseline's mean reward."
@@ -79,4 +85,32 @@ def report(results: list[dict], facts: dict[str, Any], seconds: float) -> str:
             f"{v['reward']:.3f} at KL {v['kl']:.2f}, DPO best {v['dpo_best']:.3f} (gap "
             f"{v['reward'] - v['dpo_best']:.3f}{', within noise' if v['within_noise'] else ''})"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + by_kl_range(results)) + "\n"
+
+
+def by_kl_range(results: list[dict]) -> list[str]:
+    """DPO against PPO and PPO-GT in each KL range: the best reward per seed in the range, the mean over seeds with
+    its standard error, and who is ahead by more than two standard errors of the gap."""
+    lines = [
+        "",
+        "## DPO against PPO, by KL range",
+        "",
+        "Each method's best mean reward among its points in the range, per seed, then the mean over the seeds where "
+        "both methods have a point, ± its standard error (evaluation noise of those points). Ahead: the gap exceeds "
+        "two standard errors.",
+        "",
+        "| KL range | other | seeds | DPO | other's | gap (DPO − other) | ahead |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for other in ("PPO", "PPO-GT"):
+        for row in compare_by_kl(results, "DPO", other):
+            span = f"[{row['kl_low']:g}, {row['kl_high']:g})"
+            if row["ahead"] is None:
+                lines.append(f"| {span} | {other} | – | – | – | – | no points of both |")
+                continue
+            lines.append(
+                f"| {span} | {other} | {len(row['seeds'])} | {row['DPO_mean']:.3f} ± {row['DPO_se']:.3f} | "
+                f"{row[f'{other}_mean']:.3f} ± {row[f'{other}_se']:.3f} | {row['gap']:+.3f} ± {row['gap_se']:.3f} | "
+                f"{row['ahead']} |"
+            )
+    return lines
