@@ -24,10 +24,9 @@ from __future__ import annotations
 import functools
 import json
 import math
-import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from dpokit.config import from_dict
-from dpokit.eval.frontier import best_of_n, evaluate_policy
+from dpokit.eval.frontier import best_of_n
 from dpokit.experiments.demo_data import DemoData, find_demo_data
 from dpokit.experiments.reward import SentimentReward
 from dpokit.experiments.sentiment_ppo import (
@@ -46,7 +45,16 @@ from dpokit.experiments.sentiment_ppo import (
     run_ppo,
 )
 from dpokit.experiments.sentiment_report import write_outputs
-from dpokit.experiments.sentiment_setup import QUICK, Design, Method, Sizes, method_recipe, sft_recipe
+from dpokit.experiments.sentiment_setup import (
+    QUICK,
+    Design,
+    Judge,
+    Method,
+    Sizes,
+    method_recipe,
+    prefix_prompts,
+    sft_recipe,
+)
 from dpokit.experiments.stages import digest, file_digest, run_stage
 from dpokit.experiments.workers import Job, Workers, default_workers, one_thread
 from dpokit.generate import sample
@@ -64,43 +72,6 @@ def _train(raw: dict[str, Any]) -> dict[str, Any]:
     from dpokit.train import train
 
     return train(from_dict(raw), overwrite=True)  # a stage that did not finish starts again
-
-
-def prefix_prompts(
-    tokenizer: Any, reviews: list[dict[str, Any]], seed: int, lengths: tuple[int, int]
-) -> list[list[int]]:
-    """[BOS] + the first 2–8 (`lengths`) tokens of each review."""
-    rng = random.Random(seed)
-    ids = [tokenizer(r["text"], add_special_tokens=False)["input_ids"] for r in reviews]
-    return [[tokenizer.bos_token_id, *i[: rng.randint(*lengths)]] for i in ids]
-
-
-@dataclass(frozen=True)
-class Judge:
-    """What every policy is measured with: π_SFT (the KL reference), the reward and the held-out prompts."""
-
-    tokenizer: Any
-    sft_model: Any
-    reward: SentimentReward
-    prompts: list[list[int]]
-    samples: int
-    new_tokens: int
-    seed: int
-
-    def decode(self, prompt: list[int], completion: tuple[int, ...]) -> str:
-        return self.tokenizer.decode(list(prompt) + list(completion), skip_special_tokens=True)
-
-    def evaluate(self, model: Any, seed: int) -> dict[str, float]:
-        return evaluate_policy(
-            model,
-            self.sft_model,
-            self.tokenizer,
-            self.prompts,
-            self.reward,
-            self.samples,
-            self.new_tokens,
-            self.seed + seed,
-        )
 
 
 class Demo:

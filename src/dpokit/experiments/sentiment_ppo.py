@@ -23,7 +23,8 @@ from dpokit.model import load_model
 from dpokit.ppo_train import PPOConfig, RewardFn, normalized, ppo_train, reward_model_reward, text_reward
 
 if TYPE_CHECKING:
-    from dpokit.experiments.sentiment import Demo, Judge
+    from dpokit.experiments.sentiment import Demo
+    from dpokit.experiments.sentiment_setup import Judge
 
 PPO_METHODS = ("PPO-GT", "PPO")
 """PPO-GT optimises the ground-truth classifier; PPO the reward model trained on the pairs."""
@@ -132,7 +133,7 @@ def ppo_reward(demo: Demo, judge: Judge, method: str, prompts: list[list[int]]) 
 def run_ppo(demo: Demo, judge: Judge, method: str, target: float, seed: int) -> list[dict[str, Any]]:
     """One PPO run from π_SFT, then each snapshot evaluated as the other methods' checkpoints are; the points are
     kept in points.json (the snapshots are deleted: the points are what the demo keeps)."""
-    from dpokit.experiments.sentiment import prefix_prompts
+    from dpokit.experiments.sentiment_setup import prefix_prompts
 
     name = ppo_run_name(method, target, seed)
     run = demo.out / "runs" / name

@@ -1,10 +1,15 @@
 """What the sentiment experiment is made of besides its data (`demo_data.py` finds that): its sizes (default and
-`--quick`), its fixed design choices, the methods' shape and the training configs."""
+`--quick`), its fixed design choices, the methods' shape and the training configs, its prompts and the `Judge` every
+policy is measured with."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
+
+from dpokit.eval.frontier import evaluate_policy
+from dpokit.experiments.reward import SentimentReward
 
 
 @dataclass(frozen=True)
@@ -150,3 +155,40 @@ def method_recipe(s: Sizes, method: Method, seed: int) -> dict[str, Any]:
             "seed": seed,
         },
     }
+
+
+def prefix_prompts(
+    tokenizer: Any, reviews: list[dict[str, Any]], seed: int, lengths: tuple[int, int]
+) -> list[list[int]]:
+    """[BOS] + the first 2–8 (`lengths`) tokens of each review."""
+    rng = random.Random(seed)
+    ids = [tokenizer(r["text"], add_special_tokens=False)["input_ids"] for r in reviews]
+    return [[tokenizer.bos_token_id, *i[: rng.randint(*lengths)]] for i in ids]
+
+
+@dataclass(frozen=True)
+class Judge:
+    """What every policy is measured with: π_SFT (the KL reference), the reward and the held-out prompts."""
+
+    tokenizer: Any
+    sft_model: Any
+    reward: SentimentReward
+    prompts: list[list[int]]
+    samples: int
+    new_tokens: int
+    seed: int
+
+    def decode(self, prompt: list[int], completion: tuple[int, ...]) -> str:
+        return self.tokenizer.decode(list(prompt) + list(completion), skip_special_tokens=True)
+
+    def evaluate(self, model: Any, seed: int) -> dict[str, float]:
+        return evaluate_policy(
+            model,
+            self.sft_model,
+            self.tokenizer,
+            self.prompts,
+            self.reward,
+            self.samples,
+            self.new_tokens,
+            self.seed + seed,
+        )
