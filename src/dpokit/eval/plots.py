@@ -45,16 +45,7 @@ def plot_vs_temperature(results: Sequence[dict[str, Any]], judge: str, path: Pat
             key=lambda r: r["temperature"],
         )
         _errorbar(ax, rows, "temperature", comparison, 0.008 * (i - 1))
-    ax.axhline(0.5, color="grey", ls="--", lw=1)
-    ax.set_xlabel("sampling temperature")
-    ax.set_ylabel(f"win rate  ({judge_label(judge)})")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    fig.clf()
+    _finish(fig, ax, "sampling temperature", f"win rate  ({judge_label(judge)})", title, path)
 
 
 def plot_over_steps(results: Sequence[dict[str, Any]], judge: str, path: Path, title: str) -> None:
@@ -71,9 +62,14 @@ def plot_over_steps(results: Sequence[dict[str, Any]], judge: str, path: Path, t
         err = [[r["win_rate"] - r["ci_low"] for r in line], [r["ci_high"] - r["win_rate"] for r in line]]
         color = colors(i / max(1, len(temperatures) - 1))
         ax.errorbar(xs, ys, yerr=err, color=color, marker="o", capsize=3, label=f"temperature {t}")
+    _finish(fig, ax, "DPO training step (0: Preferred-FT)", f"win rate vs chosen  ({judge_label(judge)})", title, path)
+
+
+def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """What both win-rate plots share: the 50% line, labels, a 0-1 axis, grid and legend; then the file."""
     ax.axhline(0.5, color="grey", ls="--", lw=1)
-    ax.set_xlabel("DPO training step (0: Preferred-FT)")
-    ax.set_ylabel(f"win rate vs chosen  ({judge_label(judge)})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -35,6 +35,7 @@ from typing import Any
 from dpokit.config import DataConfig, from_dict
 from dpokit.data.formats import load_records
 from dpokit.errors import UserError
+from dpokit.eval.samples import write_jsonl
 
 TEMPERATURES = (0.25, 0.5, 0.75, 1.0)
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
@@ -180,8 +181,8 @@ class Experiment:
         texts = sorted(texts, key=lambda t: zlib.crc32(t["text"].encode()))[: s.pretrain_texts or None]  # all subsets
         split["prompts"] = split["prompts"][: s.eval_prompts]
         for name, rows in split.items():
-            _write_jsonl(folder / f"{name}.jsonl", rows)
-        _write_jsonl(folder / "text.jsonl", texts)
+            write_jsonl(folder / f"{name}.jsonl", rows)
+        write_jsonl(folder / "text.jsonl", texts)
         counts["rows"] = {name: len(rows) for name, rows in split.items()} | {"text": len(texts)}
         (folder / "counts.json").write_text(json.dumps(counts, indent=2))
 
@@ -339,10 +340,6 @@ class Experiment:
         """Mean completion tokens of a samples file, and the share that ended with EOS."""
         rows = [json.loads(x) for x in (self.out / "samples" / f"step{step}-t{temperature}.jsonl").open()]
         return sum(r["tokens"] for r in rows) / len(rows), sum(r["finished"] for r in rows) / len(rows)
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def run_experiment(

@@ -35,6 +35,7 @@ import torch
 
 from dpokit.config import from_dict
 from dpokit.eval.frontier import best_of_n
+from dpokit.eval.samples import write_jsonl
 from dpokit.experiments.demo_data import DemoData, find_demo_data
 from dpokit.experiments.reward import SentimentReward
 from dpokit.experiments.sentiment_ppo import (
@@ -59,13 +60,6 @@ from dpokit.experiments.stages import digest, file_digest, run_stage
 from dpokit.experiments.workers import Job, Workers, default_workers, one_thread
 from dpokit.generate import sample
 from dpokit.model import init_model, load_model, load_tokenizer, train_tokenizer
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.rename(path)
-    return path
 
 
 def _train(raw: dict[str, Any]) -> dict[str, Any]:
@@ -169,9 +163,9 @@ class Demo:
             seed = self.design.build_seed
             init_model(texts, init, s.vocab_size, s.hidden_size, s.layers, s.heads, seed=seed, tokenizer=tokenizer)
             data.mkdir(exist_ok=True)
-            _write_jsonl(outputs[2], [{"text": t} for t in texts])
+            write_jsonl(outputs[2], [{"text": t} for t in texts])
             heldout = self.heldout_reviews[: self.design.perplexity_reviews]
-            _write_jsonl(outputs[3], [{"text": r["text"]} for r in heldout])
+            write_jsonl(outputs[3], [{"text": r["text"]} for r in heldout])
             raw = sft_recipe(self.sizes, self.design)
             raw["model"] = {"path": str(init)}
             raw["data"] |= {"train_path": str(outputs[2]), "eval_path": str(outputs[3])}
@@ -232,7 +226,7 @@ class Demo:
                         )
             counts = {"prompts": len(prompts), "samples": n * len(prompts), "pairs": len(rows), "ties_dropped": ties}
             outputs[1].write_text(json.dumps(counts))
-            _write_jsonl(outputs[0], rows)
+            write_jsonl(outputs[0], rows)
 
         run_stage(self.out, "pairs", "samples and pairs", self.settings["pairs"], outputs, build)
 
