@@ -5,7 +5,10 @@ prompt tokens equal training's, resume without redoing finished prompts, and ran
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from dpokit.config import DataConfig
 from dpokit.data.prepare import prepare_data
 from dpokit.eval import samples as samples_module
 from dpokit.eval.samples import data_prompts, generate_file, read_jsonl
-from dpokit.generate import Sampling, generate
+from dpokit.generate import Sampling, generate, sample
 from dpokit.model import load_model
 from tests.conftest import hh_rows, write_jsonl
 
@@ -90,6 +93,36 @@ def test_eos_and_max_new_tokens(tiny_model, tokenizer, prompts) -> None:
     m.get_output_embeddings().register_forward_hook(eos_first)
     out = _generate(m, tokenizer, prompts, Sampling(temperature=0, max_new_tokens=5))
     assert out == [(tokenizer.eos_token_id,)] * len(prompts)
+
+
+def _decode_step_lengths(model: Any, run: Callable[[], object]) -> list[int]:
+    """The sequence length of every forward `run` makes: after the prompt, 1 a step when the KV cache is used."""
+    lengths: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: lengths.append(i[0].shape[1]))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return lengths
+
+
+def test_runs_and_checkpoints_sample_with_the_kv_cache(base_run: Path, tokenizer, tmp_path: Path) -> None:
+    """A finished run and a training checkpoint generate with the KV cache, as the start model does: training once
+    saved use_cache=false in config.json, and a checkpoint assembled from that config sampled every step over the
+    whole sequence (five times slower in the demo's evaluations). `sample` asks for the cache whatever the config
+    says, and a checkpoint keeps its generation_config.json."""
+    prompt = tokenizer("Human: hello", add_special_tokens=False)["input_ids"]
+    for folder in (base_run / "final", base_run / "checkpoints" / "step-1"):
+        m = load_model(str(folder)).eval()
+        assert m.config.use_cache and m.generation_config.use_cache, folder
+    old = tmp_path / "old-checkpoint"  # a checkpoint written before: use_cache false in config.json only
+    shutil.copytree(base_run / "checkpoints" / "step-1", old)
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps(config | {"use_cache": False}))
+    assert load_model(str(old)).generation_config.use_cache
+    m.config.use_cache = m.generation_config.use_cache = False
+    lengths = _decode_step_lengths(m, lambda: sample(m, [prompt], 2, 5, tokenizer.eos_token_id, seed=0))
+    assert lengths[0] == len(prompt) and lengths[1:] == [1] * (len(lengths) - 1) and len(lengths) > 1
 
 
 @pytest.mark.parametrize("chat", [False, True])

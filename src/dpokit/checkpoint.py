@@ -181,7 +181,7 @@ def load_training_state(path: Path, model: LogpsModel, optimizer: Any, scheduler
 def assemble(checkpoint: Path, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None) -> Any:
     """The model of a sharded checkpoint, whole, in this process's CPU memory (its class from the checkpoint's
     config.json: a causal LM, or a sequence-classification reward model)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
     from dpokit.config import load_config
     from dpokit.model import DTYPES
@@ -192,6 +192,8 @@ def assemble(checkpoint: Path, attn_implementation: str = "sdpa", dtype: torch.d
     reward = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     lm = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    if (checkpoint / "generation_config.json").exists():  # from_config would derive one from config.json instead
+        lm.generation_config = GenerationConfig.from_pretrained(checkpoint)
     distributed.load_sharded(checkpoint / SHARDED, LogpsModel(lm), None)
     return lm
 

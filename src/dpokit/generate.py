@@ -185,6 +185,7 @@ def sample(
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos_id,
                 pad_token_id=eos_id,
+                use_cache=True,  # whatever the model's config says (a training checkpoint's may say false)
             )[:, length:].tolist()
             for row, ids in enumerate(generated):
                 if eos_id in ids:

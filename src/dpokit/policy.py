@@ -43,7 +43,8 @@ def load_models(
     else:
         lm = load_model(m.path, m.gguf_file, m.attn_implementation, dtype, m.revision)
     check_policy(config, tokenizer, lm, m.path)
-    lm.config.use_cache = False
+    # Every training forward passes use_cache=False itself; the config keeps its value, so that the saved model
+    # (and a checkpoint assembled from its config) generates with the KV cache.
     if m.lora is not None:  # adapters on the frozen model; π_ref (mode copy) is the same model with them disabled
         lm = apply_lora(lm, m.lora, m.path, m.revision)
 

@@ -181,7 +181,8 @@ def score_tokens(model: Any, rollout: Rollout) -> tuple[Tensor, Tensor | None]:
     if isinstance(model, PolicyWithValue):
         logits, values = model(rollout.input_ids, rollout.attention_mask)
     else:
-        logits, values = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits, None
+        out = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, use_cache=False)
+        logits, values = out.logits, None
     per_token = token_logps(logits[:, :-1], rollout.input_ids[:, 1:])  # (N, T-1)
     logps = per_token.gather(1, rollout.index) * rollout.mask
     if values is None:

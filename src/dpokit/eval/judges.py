@@ -220,7 +220,8 @@ class LocalLMJudge:
             ids = [self.tokenizer(self._context(c), add_special_tokens=False)["input_ids"] for c in chunk]
             input_ids, mask = left_pad(ids, self.tokenizer.pad_token_id, device)
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+            lm = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            logits = lm.logits[:, -1]
             pair = torch.log_softmax(logits.float(), dim=-1)[:, self.answer_ids]  # (B, 2)
             out += (pair[:, 0] - pair[:, 1]).tolist()
         return out
