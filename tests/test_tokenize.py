@@ -7,7 +7,7 @@ import pytest
 from dpokit.data.formats import Record, load_records
 from dpokit.data.report import DataError, DataReport
 from dpokit.data.tokenize import tokenize_record, tokenize_records
-from tests.conftest import HH
+from tests.conftest import HH, hh_rows, write_jsonl
 
 
 def _one(
@@ -115,3 +115,19 @@ def test_preview_shows_prompt_and_trained_tokens(tiny_model: Path, hh_file: Path
     assert "prompt (not trained):" in out and "chosen (trained," in out and "rejected (trained," in out
     assert "skipped identical_chosen_rejected: 1" in out
     assert "truncated prompt:" in out and "=== lengths" in out
+
+
+def test_eval_fraction_holds_out_the_same_rows_wherever_the_file_is(tokenizer, tmp_path: Path) -> None:
+    """The held-out rows once depended on the file's full path: the demo's reward model was measured on other pairs
+    in another output folder, and tests on other rows every session."""
+    from dpokit.config import DataConfig
+    from dpokit.data.prepare import prepare_data
+
+    rows = hh_rows(60)
+    held_out = []
+    for folder in ("a", "b/c"):
+        (tmp_path / folder).mkdir(parents=True)
+        data = write_jsonl(tmp_path / folder / "pairs.jsonl", rows)
+        config = DataConfig(train_path=str(data), eval_fraction=0.25, max_length=96, max_prompt_length=48)
+        held_out.append([e.source.rpartition(":")[2] for e in prepare_data(config, tokenizer, "pairs").eval])
+    assert held_out[0] == held_out[1] and 5 <= len(held_out[0]) <= 25

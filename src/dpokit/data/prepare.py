@@ -23,8 +23,10 @@ class PreparedData:
 
 
 def _held_out(source: str, fraction: float) -> bool:
-    """A stable, row-level split: every record of a row lands on the same side."""
-    return (zlib.crc32(source.encode()) % 10_000) < fraction * 10_000
+    """A stable, row-level split: every record of a row lands on the same side, and a row's side depends on its file
+    name and line (`source` is `path:line`), not on the folder the file is in."""
+    path, _, line = source.rpartition(":")
+    return (zlib.crc32(f"{Path(path).name}:{line}".encode()) % 10_000) < fraction * 10_000
 
 
 def data_source(path: str, split: str, config: DataConfig) -> Path | HubDataset:
