@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +24,8 @@ class FakeDemo:
 
     def run_job(self, judge: str | None, job: Job) -> list[dict]:
         started = time.time()
-        time.sleep(0.3)
+        (self.folder / f"{job.kind}-{job.seed}.pid").write_text(str(os.getpid()))
+        time.sleep(120 if job.kind == "long" else 0.3)
         (self.folder / f"{job.kind}-{job.seed}").write_text(f"{started} {time.time()}")
         return [{"kind": job.kind, "seed": job.seed, "pid": os.getpid(), "judge": judge}]
 
@@ -65,3 +68,38 @@ class FakeDemoFactory:
 
     def __call__(self) -> FakeDemo:
         return FakeDemo(self.folder)
+
+
+def _alive(pid: int) -> bool:
+    """Running (an orphan nobody reaps stays a zombie: that counts as stopped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_workers_stop_when_the_demo_process_is_killed(tmp_path: Path) -> None:
+    """SIGKILL (or a SIGTERM, which skips the pool's shutdown) leaves no worker running its jobs on."""
+    code = (
+        "from pathlib import Path; from dpokit.experiments.workers import Job, Workers;"
+        "from tests.test_workers import FakeDemoFactory;"
+        f"pool = Workers(2, FakeDemoFactory(Path({str(tmp_path)!r})), None);"
+        "pool.run_all([Job('long'), Job('long', 1)])"
+    )
+    demo = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent.parent)
+    try:
+        pid_files = [tmp_path / "long-0.pid", tmp_path / "long-1.pid"]
+        deadline = time.time() + 60
+        while not all(f.exists() for f in pid_files) and time.time() < deadline:
+            time.sleep(0.2)
+        workers = [int(f.read_text()) for f in pid_files]
+        assert all(_alive(pid) for pid in workers)
+    finally:
+        demo.kill()
+        demo.wait()
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers), "a worker ran on after the demo process was killed"

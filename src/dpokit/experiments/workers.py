@@ -9,6 +9,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -40,10 +42,19 @@ _WORKER: dict[str, Any] = {}
 
 def _start_worker(make_demo: Callable[[], Any]) -> None:
     torch.set_num_threads(1)
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     # Two processes' progress bars would interleave with the demo's own lines: a worker's stderr goes nowhere (its
     # stage lines go to stdout, and an error in a job is raised again in the demo's process, with its traceback).
     sys.stderr = open(os.devnull, "w", encoding="utf-8")
     _WORKER["demo"] = make_demo()
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A worker whose demo process was killed (no shutdown reaches it then) stops within a second instead of running
+    the jobs it holds to their end."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _run_in_worker(job: Job) -> list[dict]:
