@@ -23,7 +23,7 @@ READS = {
     "train_prompts": {"pairs"},
     "eval_prompts": {"judge"},
     "eval_samples": {"judge"},
-    "new_tokens": {"pairs", "judge", "runs", "reward_model", *PPO},
+    "new_tokens": {"pairs", "judge", "runs", "reference_logps", "reward_model", *PPO},
     "betas": {"DPO"},
     "unlikelihood_alphas": {"Unlikelihood"},
     "best_of": {"reference"},
@@ -51,7 +51,8 @@ AFTER = {
     "tokenizer": {"sft"},
     "sft": {"pairs", "judge"},
     "reward": {"pairs", "judge"},
-    "pairs": {"runs", "facts", "reward_model", *PPO},
+    "pairs": {"runs", "facts", "reference_logps", "reward_model", *PPO},
+    "reference_logps": {"DPO", "Unlikelihood"},  # Preferred-FT has no reference
     "judge": {"runs", "reference", *PPO},
     "reward_model": {"PPO", "facts"},
     "runs": set(PREFERENCE),

@@ -1,14 +1,24 @@
-"""The sentiment demo's outputs: results.json, results.csv, frontier.png and report.md (the frontier table and what
-it shows), written from the points and facts that `sentiment.Demo` measured."""
+"""The sentiment demo's outputs: facts.json (what its pieces are), results.json, results.csv, frontier.png and
+report.md (the frontier table and what it shows), written from the points that `sentiment.Demo` measured."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from dpokit.eval.frontier import compare_by_kl, dominance, plot_frontier
+from dpokit.experiments.sentiment_ppo import reward_model_facts
+from dpokit.experiments.stages import run_stage
+
+if TYPE_CHECKING:
+    from dpokit.experiments.sentiment import Demo
+    from dpokit.experiments.sentiment_setup import Judge
 
 BASELINES = ("Preferred-FT", "Unlikelihood", "SFT", "PPO", "PPO-GT")
 """The points the frontier check holds DPO's frontier against."""
@@ -26,6 +36,37 @@ def write_outputs(out: Path, results: list[dict], facts: dict[str, Any], seeds: 
         results, out / "frontier.png", f"IMDb controlled sentiment: reward vs KL ({seeds} seed{'s' * (seeds > 1)})"
     )
     (out / "report.md").write_text(report(results, facts, seconds), encoding="utf-8")
+
+
+def measure_facts(demo: Demo, judge: Judge) -> dict[str, Any]:
+    """Sizes and qualities of the demo's pieces: π_SFT's size and perplexity, the reward's accuracy and agreement
+    with people, the pairs and the reward model (a stage of its own: facts.json)."""
+    out, path = demo.out, demo.out / "facts.json"
+
+    def build() -> None:
+        summary = json.loads((out / "sft" / "summary.json").read_text())
+        heldout = demo.heldout_reviews
+        pearson = None
+        if demo.data.vader is not None:
+            with demo.data.vader.open(encoding="utf-8") as f:
+                vader = [line.rstrip("\r\n").split("\t") for line in f if line.strip()]
+            ratings = np.array([float(r[1]) for r in vader])
+            pearson = float(np.corrcoef(judge.reward([r[2] for r in vader]), ratings)[0, 1])
+        facts = {
+            "sft_parameters": sum(p.numel() for p in judge.sft_model.parameters()),
+            "sft_heldout_perplexity": math.exp(summary["eval"]["eval/loss"]),
+            "reward_heldout_accuracy": judge.reward.accuracy(
+                [r["text"] for r in heldout], [r["label"] for r in heldout]
+            ),
+            "reward_vader_pearson": pearson,
+            "pairs": json.loads((out / "data" / "pairs_counts.json").read_text()),
+            "reward_model": reward_model_facts(out),
+            "sizes": asdict(demo.sizes),
+        }
+        path.write_text(json.dumps(facts, indent=2))
+
+    run_stage(out, "facts", "facts", demo.settings["facts"], [path], build)
+    return dict(json.loads(path.read_text()))
 
 
 def report(results: list[dict], facts: dict[str, Any], seconds: float) -> str:

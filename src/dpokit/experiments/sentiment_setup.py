@@ -118,8 +118,9 @@ class Method:
     name: str
     setting: str
     loss: dict[str, Any]
-    reference: str = "copy"
-    """`none` for the reference-free baselines."""
+    reference: str = "precomputed"
+    """π_SFT's log-probs of the pairs, computed once for every run (`Demo.build_reference_logps`); `none` for the
+    reference-free baselines."""
 
 
 def sft_recipe(s: Sizes, d: Design) -> dict[str, Any]:
@@ -140,10 +141,25 @@ def sft_recipe(s: Sizes, d: Design) -> dict[str, Any]:
     }
 
 
+def pairs_data(s: Sizes) -> dict[str, Any]:
+    """How the pairs are tokenized for training (prompts are at most 9 tokens, completions `new_tokens`)."""
+    return {"max_length": 16 + s.new_tokens + 4, "max_prompt_length": 16}
+
+
+def reference_recipe(s: Sizes) -> dict[str, Any]:
+    """`precompute-ref`'s config for π_SFT's log-probs of the pairs, less the paths (the loss only says: pairs)."""
+    return {
+        "data": pairs_data(s),
+        "reference": {"mode": "precomputed"},
+        "loss": {"name": "sigmoid"},
+        "train": {"batch_size": 64, "micro_batch_size": 64},
+    }
+
+
 def method_recipe(s: Sizes, method: Method, seed: int) -> dict[str, Any]:
     """A method's training config from π_SFT on the pairs, less the paths and the checkpoint spacing."""
     return {
-        "data": {"max_length": 16 + s.new_tokens + 4, "max_prompt_length": 16},
+        "data": pairs_data(s),
         "reference": {"mode": method.reference},
         "loss": method.loss,
         "train": {
