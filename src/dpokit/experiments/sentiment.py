@@ -309,7 +309,7 @@ class Demo:
     # --- the whole demo -----------------------------------------------------------------------------------------
     def jobs(self) -> list[Job]:
         """The independent stages after the pairs, longest first within their kind, in an order that one worker
-        can run them in (the reward model before PPO); results are reported in `results_order`."""
+        can run them in (π_SFT's log-probs before the preference methods, the reward model before PPO)."""
         seeds = self.seeds
         methods = [
             Job("method", seed, index=i, after="reference_logps") for i in range(len(self.methods())) for seed in seeds

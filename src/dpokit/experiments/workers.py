@@ -22,7 +22,8 @@ import torch
 
 @dataclass(frozen=True)
 class Job:
-    """One stage the demo hands to a worker: `kind` is reward, reference, method, reward_model or ppo."""
+    """One stage the demo hands to a worker: `kind` is reward, reference, reference_logps, method, reward_model or
+    ppo."""
 
     kind: str
     seed: int = 0
