@@ -8,6 +8,7 @@ import pytest
 
 from dpokit.experiments.demo_data import DemoData
 from dpokit.experiments.sentiment import Demo
+from dpokit.experiments.sentiment_ppo import split_by_prompt
 from dpokit.experiments.sentiment_setup import QUICK, Design, Sizes
 from dpokit.experiments.stages import digest, run_stage
 
@@ -145,3 +146,13 @@ def test_a_stage_is_reused_rebuilt_or_recovered(tmp_path: Path) -> None:
         run_stage(out, "s", "stage", {"a": 3}, [made], interrupted)
     assert run_stage(out, "s", "stage", {"a": 3}, [made], build("three")), "an interrupted stage is built again"
     assert builds == ["one", "two", "three"] and made.read_text() == "three"
+
+
+def test_the_reward_model_holds_out_whole_prompts() -> None:
+    """A prompt's 6 pairs share its 4 samples: the held-out pairs must come from prompts the model never saw."""
+    rows = [
+        {"prompt": f"prefix {i}", "chosen": f"c{i}{j}", "rejected": f"r{i}{j}"} for i in range(200) for j in range(6)
+    ]
+    train, heldout = split_by_prompt(rows, 0.1)
+    assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in heldout})
+    assert sorted(map(str, train + heldout)) == sorted(map(str, rows)) and 60 <= len(heldout) <= 200

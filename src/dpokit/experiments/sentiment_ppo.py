@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpokit.eval.samples import read_jsonl, write_jsonl
 from dpokit.experiments.sentiment_setup import Design, Sizes
 from dpokit.experiments.stages import digest, run_stage
 from dpokit.generate import sample
@@ -39,9 +41,9 @@ def ppo_run_name(method: str, target: float, seed: int) -> str:
 
 
 def rm_recipe(s: Sizes, d: Design) -> dict[str, Any]:
-    """`dpokit rm` on the pairs from π_SFT's backbone, less the paths."""
+    """`dpokit rm` on the pairs from π_SFT's backbone, less the paths (its held-out pairs: `split_by_prompt`)."""
     return {
-        "data": {"max_length": 16 + s.new_tokens + 4, "max_prompt_length": 16, "eval_fraction": d.rm_heldout},
+        "data": {"max_length": 16 + s.new_tokens + 4, "max_prompt_length": 16},
         "train": {
             "batch_size": 32,
             "micro_batch_size": 32,
@@ -74,7 +76,8 @@ def ppo_stage_settings(
     s: Sizes, d: Design, pairs_key: str, judge_key: str, seeds: tuple[int, ...]
 ) -> dict[str, dict[str, Any]]:
     """The settings of the reward-model stage and of every PPO run (see `Demo.stage_settings`)."""
-    stages: dict[str, dict[str, Any]] = {"reward_model": {"pairs": pairs_key, "recipe": rm_recipe(s, d)}}
+    rm = {"pairs": pairs_key, "recipe": rm_recipe(s, d), "heldout_prompts": d.rm_heldout}
+    stages: dict[str, dict[str, Any]] = {"reward_model": rm}
     normalization = [d.ppo_normalize_samples, d.ppo_normalize_seed]
     for seed in seeds:
         for method, target in ppo_runs(s):
@@ -88,23 +91,35 @@ def ppo_stage_settings(
     return stages
 
 
+def split_by_prompt(rows: list[dict[str, Any]], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, held out): every pair of a prompt on the same side. Each π_SFT sample is in 3 of its prompt's 6 pairs,
+    so a split by pair would hold out pairs whose completions the model was trained on."""
+    held = [zlib.crc32(r["prompt"].encode()) % 10_000 < fraction * 10_000 for r in rows]
+    return [r for r, h in zip(rows, held, strict=True) if not h], [r for r, h in zip(rows, held, strict=True) if h]
+
+
 def build_reward_model(demo: Demo) -> None:
-    """`dpokit rm` on the demo's pairs from π_SFT: the reward PPO optimises (in `reward_model/final`)."""
+    """`dpokit rm` on the demo's pairs from π_SFT, some prompts' pairs held out: the reward PPO optimises (in
+    `reward_model/final`)."""
     from dpokit.config import from_dict
     from dpokit.rm import RM_SETTINGS, train_reward_model
 
-    out = demo.out / "reward_model"
+    data, out = demo.out / "data", demo.out / "reward_model"
+    outputs = [out, data / "rm_train.jsonl", data / "rm_heldout.jsonl"]
 
     def build() -> None:
+        train, heldout = split_by_prompt(list(read_jsonl(data / "pairs.jsonl")), demo.design.rm_heldout)
+        write_jsonl(outputs[1], train)
+        write_jsonl(outputs[2], heldout)
         raw: dict[str, Any] = rm_recipe(demo.sizes, demo.design)
         raw["model"] = {"path": str(demo.out / "sft" / "final")}
-        raw["data"]["train_path"] = str(demo.out / "data" / "pairs.jsonl")
+        raw["data"] |= {"train_path": str(outputs[1]), "eval_path": str(outputs[2])}
         raw["train"]["output_dir"] = str(out)
         for section, values in RM_SETTINGS.items():
             raw[section] = raw.get(section, {}) | values
         train_reward_model(from_dict(raw), overwrite=True)
 
-    run_stage(demo.out, "reward_model", "reward model", demo.settings["reward_model"], [out], build)
+    run_stage(demo.out, "reward_model", "reward model", demo.settings["reward_model"], outputs, build)
 
 
 def reward_model_facts(out: Path) -> dict[str, Any]:

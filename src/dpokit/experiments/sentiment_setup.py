@@ -99,7 +99,7 @@ class Design:
     """The reward model's passes over the pairs (one pass leaves it near chance on this data)."""
     rm_lr: float = 3e-4
     rm_heldout: float = 0.1
-    """Fraction of the pairs held out to measure the reward model's accuracy."""
+    """Fraction of the pair prompts whose pairs are held out to measure the reward model's accuracy."""
     ppo_epochs: int = 2
     """PPO passes over each rollout batch (Ziegler et al.: 4; 2 learn as much per unit of compute here)."""
     ppo_lr: float = 1e-3
