@@ -88,7 +88,8 @@ def report(results: list[dict], facts: dict[str, Any], seconds: float) -> str:
         + f"Pairs: {facts['pairs']['pairs']} from {facts['pairs']['prompts']} prompts "
         f"({facts['pairs']['ties_dropped']} ties dropped). PPO's reward model (Bradley-Terry on π_SFT's backbone, "
         f"trained on {facts['reward_model']['train_pairs']} of the pairs): held-out pairwise accuracy "
-        f"{facts['reward_model']['heldout_accuracy']:.3f} on {facts['reward_model']['heldout_pairs']} pairs. "
+        f"{facts['reward_model']['heldout_accuracy']:.3f} on the {facts['reward_model']['heldout_pairs']} pairs of "
+        "prompts it was not trained on. "
         f"Runtime {seconds:.0f}s.",
         "",
         "| method | setting | seed | step | reward | KL |",
