@@ -109,7 +109,7 @@ def _decode_step_lengths(model: Any, run: Callable[[], object]) -> list[int]:
 def test_runs_and_checkpoints_sample_with_the_kv_cache(base_run: Path, tokenizer, tmp_path: Path) -> None:
     """A finished run and a training checkpoint generate with the KV cache, as the start model does: training once
     saved use_cache=false in config.json, and a checkpoint assembled from that config sampled every step over the
-    whole sequence (five times slower in the demo's evaluations). `sample` asks for the cache whatever the config
+    whole sequence (three times slower in the demo's evaluations). `sample` asks for the cache whatever the config
     says, and a checkpoint keeps its generation_config.json."""
     prompt = tokenizer("Human: hello", add_special_tokens=False)["input_ids"]
     for folder in (base_run / "final", base_run / "checkpoints" / "step-1"):
