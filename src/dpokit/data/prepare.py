@@ -22,11 +22,16 @@ class PreparedData:
     eval_report: DataReport
 
 
+def stable_bucket(key: str) -> int:
+    """0–9999, the same for `key` on every run and machine: splits that must not move call this."""
+    return zlib.crc32(key.encode()) % 10_000
+
+
 def _held_out(source: str, fraction: float) -> bool:
     """A stable, row-level split: every record of a row lands on the same side, and a row's side depends on its file
     name and line (`source` is `path:line`), not on the folder the file is in."""
     path, _, line = source.rpartition(":")
-    return (zlib.crc32(f"{Path(path).name}:{line}".encode()) % 10_000) < fraction * 10_000
+    return stable_bucket(f"{Path(path).name}:{line}") < fraction * 10_000
 
 
 def data_source(path: str, split: str, config: DataConfig) -> Path | HubDataset:

@@ -34,6 +34,7 @@ from typing import Any
 
 from dpokit.config import DataConfig, from_dict
 from dpokit.data.formats import load_records
+from dpokit.data.prepare import stable_bucket
 from dpokit.errors import UserError
 from dpokit.eval.samples import write_jsonl
 
@@ -124,7 +125,7 @@ def _digest(*parts: Any) -> str:
 
 
 def _bucket(text: str) -> float:
-    return (zlib.crc32(text.encode()) % 10_000) / 10_000
+    return stable_bucket(text) / 10_000
 
 
 class Experiment:

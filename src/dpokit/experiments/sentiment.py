@@ -233,13 +233,17 @@ class Demo:
 
         run_stage(self.out, "pairs", "samples and pairs", self.settings["pairs"], outputs, build)
 
+    @property
+    def reference_logps_path(self) -> Path:
+        return self.out / "data" / "reference_logps.safetensors"
+
     def build_reference_logps(self) -> None:
         """π_SFT's log-probs of every pair, computed once: the DPO and Unlikelihood runs read them instead of each
         running π_SFT beside its policy at every step (the same values: a run's loss is unchanged to the last digit;
         each run 25% shorter)."""
         from dpokit.precompute import precompute_reference
 
-        path = self.out / "data" / "reference_logps.safetensors"
+        path = self.reference_logps_path
 
         def build() -> None:
             raw = reference_recipe(self.sizes)
@@ -269,7 +273,7 @@ class Demo:
             raw["model"] = {"path": str(self.out / "sft" / "final")}
             raw["data"]["train_path"] = str(pairs)
             if method.reference != "none":
-                raw["reference"]["cache"] = str(self.out / "data" / "reference_logps.safetensors")
+                raw["reference"]["cache"] = str(self.reference_logps_path)
             raw["train"] |= {"output_dir": str(run), "save_every": every}
             _train(raw)
             points = []

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpokit.data.prepare import stable_bucket
 from dpokit.eval.samples import read_jsonl, write_jsonl
-from dpokit.experiments.sentiment_setup import Design, Sizes
+from dpokit.experiments.sentiment_setup import Design, Sizes, pairs_data
 from dpokit.experiments.stages import digest, run_stage
 from dpokit.generate import sample
 from dpokit.model import load_model
@@ -43,7 +43,7 @@ def ppo_run_name(method: str, target: float, seed: int) -> str:
 def rm_recipe(s: Sizes, d: Design) -> dict[str, Any]:
     """`dpokit rm` on the pairs from π_SFT's backbone, less the paths (its held-out pairs: `split_by_prompt`)."""
     return {
-        "data": {"max_length": 16 + s.new_tokens + 4, "max_prompt_length": 16},
+        "data": pairs_data(s),
         "train": {
             "batch_size": 32,
             "micro_batch_size": 32,
@@ -94,8 +94,11 @@ def ppo_stage_settings(
 def split_by_prompt(rows: list[dict[str, Any]], fraction: float) -> tuple[list[dict], list[dict]]:
     """(train, held out): every pair of a prompt on the same side. Each π_SFT sample is in 3 of its prompt's 6 pairs,
     so a split by pair would hold out pairs whose completions the model was trained on."""
-    held = [zlib.crc32(r["prompt"].encode()) % 10_000 < fraction * 10_000 for r in rows]
-    return [r for r, h in zip(rows, held, strict=True) if not h], [r for r, h in zip(rows, held, strict=True) if h]
+    train: list[dict] = []
+    heldout: list[dict] = []
+    for r in rows:
+        (heldout if stable_bucket(r["prompt"]) < fraction * 10_000 else train).append(r)
+    return train, heldout
 
 
 def build_reward_model(demo: Demo) -> None:
